@@ -1,0 +1,49 @@
+"""TaskFlow: a task-management REST and WebSocket API."""
+
+from __future__ import annotations
+
+from quart import Quart
+from quart_schema import Info, QuartSchema
+
+from . import db, errors, limits, logs
+from .config import Config
+from .jsonio import JSONRequest, ORJSONProvider
+
+__version__ = "0.1.0"
+
+MAX_BODY_BYTES = 1024 * 1024
+
+schema = QuartSchema(
+    info=Info(title="TaskFlow", version=__version__),
+    redoc_ui_path=None,
+    scalar_ui_path=None,
+    swagger_ui_path="/docs",
+)
+
+
+def create_app(config: Config | None = None) -> Quart:
+    """Build the app from *config*, or from the environment when none is given."""
+    config = config or Config.from_env()
+    logs.configure_logging(config.log_level)
+
+    app = Quart(__name__)
+    app.request_class = JSONRequest
+    app.config.update(
+        TASKFLOW=config,
+        MAX_CONTENT_LENGTH=MAX_BODY_BYTES,
+        # OPTIONS would answer every route without authentication; there is no
+        # CORS preflight to serve, so it is a plain 405 like any other method.
+        PROVIDE_AUTOMATIC_OPTIONS=False,
+    )
+
+    schema.init_app(app)
+    app.json = ORJSONProvider(app)
+    logs.init_app(app)
+    db.init_app(app, config)
+    errors.init_app(app)
+    limits.init_app(app, config)
+
+    from .blueprints import ops
+
+    app.register_blueprint(ops.blueprint)
+    return app

@@ -1,0 +1,77 @@
+"""Operations: liveness and readiness probes."""
+
+from __future__ import annotations
+
+import asyncio
+
+from pydantic import BaseModel
+from quart import Blueprint
+from quart_schema import validate_response
+from sqlalchemy import text
+
+from ..db import backends, is_unavailable
+from ..errors import RETRY_AFTER_UNAVAILABLE_SECONDS, APIError
+
+blueprint = Blueprint("ops", __name__)
+
+PROBE_TIMEOUT_SECONDS = 2.0
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Readiness(BaseModel):
+    database: str
+    redis: str
+
+
+@blueprint.get("/healthz")
+@validate_response(Health)
+async def healthz() -> Health:
+    """Liveness: answers while the process runs, touching nothing else."""
+    return Health(status="ok")
+
+
+@blueprint.get("/readyz")
+@validate_response(Readiness)
+async def readyz() -> Readiness:
+    """Readiness: whether the database and Redis (when configured) answer.
+
+    503 names what is down.
+    """
+    database, redis = await asyncio.gather(_probe_database(), _probe_redis())
+    down = [name for name, state in (("database", database), ("redis", redis)) if state == "down"]
+    if down:
+        raise APIError(
+            503,
+            detail=f"Not ready: {' and '.join(down)} down.",
+            headers={"Retry-After": str(RETRY_AFTER_UNAVAILABLE_SECONDS)},
+        )
+    return Readiness(database=database, redis=redis)
+
+
+async def _probe_database() -> str:
+    try:
+        async with asyncio.timeout(PROBE_TIMEOUT_SECONDS):
+            async with backends().engine.connect() as connection:
+                await connection.execute(text("SELECT 1"))
+    except Exception as error:
+        if is_unavailable(error):
+            return "down"
+        raise
+    return "ok"
+
+
+async def _probe_redis() -> str:
+    redis = backends().redis
+    if redis is None:
+        return "disabled"
+    try:
+        async with asyncio.timeout(PROBE_TIMEOUT_SECONDS):
+            await redis.ping()
+    except Exception as error:
+        if is_unavailable(error):
+            return "down"
+        raise
+    return "ok"

@@ -1,0 +1,161 @@
+"""The database and Redis connections, and the one transaction policy.
+
+Each request gets one ``AsyncSession``, opened on first use. Data functions
+take that session and never commit: the request commits once, after the view
+returned a success, and rolls back otherwise. Events the request recorded are
+handed to the broker only after that commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+from quart import Quart, Response, current_app, g
+from sqlalchemy import event, exc
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+
+from .config import Config
+from .events import Broker, InProcessBroker, RedisBroker
+
+EXTENSION_KEY = "taskflow.backends"
+CONNECT_TIMEOUT_SECONDS = 5.0
+
+
+@dataclass
+class Backends:
+    engine: AsyncEngine
+    sessionmaker: async_sessionmaker[AsyncSession]
+    redis: aioredis.Redis | None
+    broker: Broker
+
+    @classmethod
+    def create(cls, config: Config) -> Backends:
+        engine = create_engine(config)
+        redis = None
+        if config.redis_url:
+            redis = aioredis.from_url(
+                config.redis_url,
+                socket_timeout=CONNECT_TIMEOUT_SECONDS,
+                socket_connect_timeout=CONNECT_TIMEOUT_SECONDS,
+                health_check_interval=30,
+            )
+        broker: Broker = RedisBroker(redis) if redis is not None else InProcessBroker()
+        return cls(
+            engine=engine,
+            sessionmaker=async_sessionmaker(engine, expire_on_commit=False),
+            redis=redis,
+            broker=broker,
+        )
+
+    async def close(self) -> None:
+        await self.broker.close()
+        if self.redis is not None:
+            await self.redis.aclose()
+        await self.engine.dispose()
+
+
+def create_engine(config: Config) -> AsyncEngine:
+    url = make_url(config.database_url)
+    if url.get_backend_name() != "sqlite":
+        return create_async_engine(
+            url,
+            pool_size=config.database_pool_size,
+            max_overflow=config.database_pool_size // 2,
+            pool_timeout=CONNECT_TIMEOUT_SECONDS,
+            pool_recycle=1800,
+            connect_args={
+                "timeout": CONNECT_TIMEOUT_SECONDS,
+                "server_settings": {"application_name": "taskflow"},
+            },
+        )
+    engine = create_async_engine(url, connect_args={"timeout": 30})
+
+    # SQLite: enforce foreign keys, and take the write lock when a transaction
+    # begins so that two transactions never deadlock upgrading a read lock.
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def backends() -> Backends:
+    backends_: Backends = current_app.extensions[EXTENSION_KEY]
+    return backends_
+
+
+def session() -> AsyncSession:
+    """The current request's session, opened on first use."""
+    db_session: AsyncSession | None = g.get("db_session")
+    if db_session is None:
+        db_session = g.db_session = backends().sessionmaker()
+    return db_session
+
+
+def pending_events(db_session: AsyncSession) -> list[dict[str, Any]]:
+    """Events recorded in this transaction, to be published once it commits."""
+    events: list[dict[str, Any]] = db_session.info.setdefault("events", [])
+    return events
+
+
+async def finish_request(response: Response) -> Response:
+    """Commit the request's work if the response is a success, else roll it back."""
+    db_session: AsyncSession | None = g.pop("db_session", None)
+    if db_session is None:
+        return response
+    try:
+        if response.status_code < 400:
+            await db_session.commit()
+            for event_ in pending_events(db_session):
+                await backends().broker.publish(event_)
+        else:
+            await db_session.rollback()
+    finally:
+        await db_session.close()
+    return response
+
+
+async def close_request_session(_error: BaseException | None) -> None:
+    db_session: AsyncSession | None = g.pop("db_session", None)
+    if db_session is not None:
+        await db_session.close()
+
+
+def is_unavailable(error: BaseException) -> bool:
+    """Whether an error means a backing service is down rather than a bug."""
+    if isinstance(error, exc.DBAPIError):
+        return error.connection_invalidated or isinstance(
+            error, exc.OperationalError | exc.InterfaceError
+        )
+    return isinstance(
+        error, OSError | asyncio.TimeoutError | exc.TimeoutError | aioredis.ConnectionError
+    )
+
+
+def init_app(app: Quart, config: Config) -> None:
+    async def start() -> None:
+        app.extensions[EXTENSION_KEY] = Backends.create(config)
+        await backends().broker.start()
+
+    async def stop() -> None:
+        backends_: Backends | None = app.extensions.pop(EXTENSION_KEY, None)
+        if backends_ is not None:
+            await backends_.close()
+
+    app.before_serving(start)
+    app.after_serving(stop)
+    app.after_request(finish_request)
+    app.teardown_request(close_request_session)

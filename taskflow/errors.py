@@ -1,0 +1,149 @@
+"""One error contract: every failure becomes an RFC 9457 problem+json body."""
+
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+from typing import Any
+
+import orjson
+from pydantic import ValidationError
+from quart import Quart, Response, g
+from quart_rate_limiter import RateLimitExceeded
+from quart_schema import RequestSchemaValidationError
+from werkzeug.exceptions import HTTPException, InternalServerError
+
+from .db import is_unavailable
+
+log = logging.getLogger(__name__)
+
+RETRY_AFTER_UNAVAILABLE_SECONDS = 5
+
+CODES = {
+    400: "invalid_json",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    412: "precondition_failed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "validation_failed",
+    429: "rate_limited",
+    500: "internal_error",
+    503: "service_unavailable",
+}
+
+DETAILS = {
+    400: "The request body is not valid JSON.",
+    404: "The requested resource was not found.",
+    405: "The method is not allowed for this resource.",
+    413: "The request body is larger than 1 MiB.",
+    415: "The request body must be application/json.",
+    429: "Too many requests; retry later.",
+    500: "An unexpected error occurred.",
+    503: "A service the API depends on is unavailable; retry later.",
+}
+
+
+class APIError(Exception):
+    """An error the client should see, with its status and contract code."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str | None = None,
+        detail: str | None = None,
+        *,
+        errors: list[dict[str, str]] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.code = code or CODES.get(status, "error")
+        self.detail = detail or DETAILS.get(status, HTTPStatus(status).phrase)
+        self.errors = errors
+        self.headers = headers or {}
+
+
+def problem(error: APIError) -> Response:
+    body: dict[str, Any] = {
+        "type": "about:blank",
+        "title": HTTPStatus(error.status).phrase,
+        "status": error.status,
+        "code": error.code,
+        "detail": error.detail,
+        "request_id": g.get("request_id"),
+    }
+    if error.errors is not None:
+        body["errors"] = error.errors
+    headers = dict(error.headers)
+    if error.status == 401:
+        headers.setdefault("WWW-Authenticate", "Bearer")
+    return Response(
+        orjson.dumps(body),
+        status=error.status,
+        headers=headers,
+        content_type="application/problem+json",
+    )
+
+
+def field_errors(error: ValidationError) -> list[dict[str, str]]:
+    return [
+        {"field": ".".join(str(part) for part in item["loc"]) or "body", "message": item["msg"]}
+        for item in error.errors(include_url=False, include_input=False)
+    ]
+
+
+def validation_failed(errors: list[dict[str, str]]) -> APIError:
+    return APIError(422, detail="The request is not valid.", errors=errors)
+
+
+async def handle_api_error(error: APIError) -> Response:
+    return problem(error)
+
+
+async def handle_validation_error(error: RequestSchemaValidationError) -> Response:
+    cause = error.validation_error
+    if isinstance(cause, ValidationError):
+        return problem(validation_failed(field_errors(cause)))
+    return problem(validation_failed([{"field": "body", "message": str(cause)}]))
+
+
+async def handle_rate_limited(error: RateLimitExceeded) -> Response:
+    return problem(APIError(429, headers={"Retry-After": str(error.retry_after)}))
+
+
+async def handle_http_exception(error: HTTPException) -> Response:
+    status = error.code or 500
+    if status >= 500:
+        return await handle_unexpected(error)
+    headers = {}
+    if status == 405:
+        valid_methods = getattr(error, "valid_methods", None) or []
+        headers["Allow"] = ", ".join(sorted(valid_methods))
+    if status not in CODES:
+        # Werkzeug's other 4xx (e.g. 408, 431): keep the status, say it plainly.
+        return problem(APIError(status, code=HTTPStatus(status).phrase.lower().replace(" ", "_")))
+    return problem(APIError(status, headers=headers))
+
+
+async def handle_unexpected(error: Exception) -> Response:
+    if isinstance(error, InternalServerError) and error.original_exception is not None:
+        error = error.original_exception  # type: ignore[assignment]
+    if is_unavailable(error):
+        log.warning("dependency unavailable: %s: %s", type(error).__name__, error)
+        return problem(
+            APIError(503, headers={"Retry-After": str(RETRY_AFTER_UNAVAILABLE_SECONDS)})
+        )
+    log.error("unhandled error", exc_info=error)
+    return problem(APIError(500))
+
+
+def init_app(app: Quart) -> None:
+    app.register_error_handler(APIError, handle_api_error)
+    app.register_error_handler(RequestSchemaValidationError, handle_validation_error)
+    app.register_error_handler(RateLimitExceeded, handle_rate_limited)
+    app.register_error_handler(HTTPException, handle_http_exception)
+    app.register_error_handler(Exception, handle_unexpected)

@@ -1,0 +1,55 @@
+"""JSON in and out: strict parsing of request bodies and fast encoding of responses."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from pydantic_core import to_jsonable_python
+from quart import Request
+from quart.json.provider import DefaultJSONProvider
+
+from .errors import APIError
+
+
+def _default(value: Any) -> Any:
+    return to_jsonable_python(value)
+
+
+class ORJSONProvider(DefaultJSONProvider):
+    """orjson for every JSON response: timestamps in UTC with ``Z``."""
+
+    option = orjson.OPT_UTC_Z | orjson.OPT_NON_STR_KEYS
+
+    def dumps(self, obj: Any, **kwargs: Any) -> str:
+        return orjson.dumps(obj, default=_default, option=self.option).decode()
+
+    def loads(self, s: str | bytes, **kwargs: Any) -> Any:
+        return orjson.loads(s)
+
+    def response(self, *args: Any, **kwargs: Any) -> Any:
+        obj = self._prepare_response_obj(args, kwargs)
+        return self._app.response_class(
+            orjson.dumps(obj, default=_default, option=self.option), mimetype=self.mimetype
+        )
+
+
+class JSONRequest(Request):
+    """A request whose JSON body must be ``application/json`` and strict JSON.
+
+    strict: valid UTF-8, no NaN or Infinity, no number beyond a double, at most
+    1024 levels deep (orjson's limit).
+    """
+
+    async def get_json(self, force: bool = False, silent: bool = False, cache: bool = True) -> Any:
+        if not (force or self.is_json):
+            if silent:
+                return None
+            raise APIError(415)
+        body = await self.get_data(cache=cache, as_text=False)
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError:
+            if silent:
+                return None
+            raise APIError(400) from None

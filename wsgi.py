@@ -1,0 +1,5 @@
+"""The ASGI entry point for hypercorn: ``hypercorn wsgi:app``."""
+
+from taskflow import create_app
+
+app = create_app()
