@@ -32,7 +32,7 @@ def serve(host: str, port: int) -> None:
     config.bind = [f"{host}:{port}"]
     config.graceful_timeout = 20
     print(f"TaskFlow listening on http://{host}:{port} (API docs at /docs)", flush=True)
-    uvloop.run(hypercorn_serve(app, config))  # type: ignore[arg-type]
+    uvloop.run(hypercorn_serve(app, config))
 
 
 def main(argv: list[str] | None = None) -> None:

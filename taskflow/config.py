@@ -11,7 +11,7 @@ from pathlib import Path
 from sqlalchemy.engine import URL, make_url
 
 MIN_SECRET_BYTES = 32
-SECRET_FILE_NAME = "secret_key"
+SECRET_FILE_NAME = "secret_key"  # noqa: S105 (a file name)
 EMBEDDED_DATABASE_NAME = "taskflow.sqlite3"
 
 

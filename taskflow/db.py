@@ -16,7 +16,12 @@ import redis.asyncio as aioredis
 from quart import Quart, Response, current_app, g
 from sqlalchemy import event, exc
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
 
 from .config import Config
 from .events import Broker, InProcessBroker, RedisBroker

@@ -134,9 +134,7 @@ async def handle_unexpected(error: Exception) -> Response:
         error = error.original_exception  # type: ignore[assignment]
     if is_unavailable(error):
         log.warning("dependency unavailable: %s: %s", type(error).__name__, error)
-        return problem(
-            APIError(503, headers={"Retry-After": str(RETRY_AFTER_UNAVAILABLE_SECONDS)})
-        )
+        return problem(APIError(503, headers={"Retry-After": str(RETRY_AFTER_UNAVAILABLE_SECONDS)}))
     log.error("unhandled error", exc_info=error)
     return problem(APIError(500))
 

@@ -23,6 +23,8 @@ Listener = Callable[[EventDict], None]
 
 CHANNEL = "taskflow:events"
 RECONNECT_DELAY_SECONDS = 0.5
+# How often the receiving loop looks up from Redis to see whether it should stop.
+POLL_SECONDS = 0.25
 
 log = logging.getLogger(__name__)
 
@@ -71,15 +73,18 @@ class RedisBroker(Broker):
         super().__init__()
         self._redis = redis
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
         self.subscribed = asyncio.Event()
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._receive_forever(), name="redis-broker")
 
     async def close(self) -> None:
+        # Stopped by a flag, not by cancelling: redis-py can swallow a
+        # cancellation that lands mid-read and go on reading forever.
+        self._closing = True
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await self._task
 
     async def publish(self, event: EventDict) -> None:
         # The event is already committed to the log; a Redis outage must not
@@ -90,13 +95,17 @@ class RedisBroker(Broker):
             log.warning("event not published: %s", type(error).__name__)
 
     async def _receive_forever(self) -> None:
-        while True:
+        while not self._closing:
             try:
                 async with self._redis.pubsub(ignore_subscribe_messages=True) as pubsub:
                     await pubsub.subscribe(CHANNEL)
                     self.subscribed.set()
-                    async for message in pubsub.listen():
-                        self.dispatch(orjson.loads(message["data"]))
+                    while not self._closing:
+                        message = await pubsub.get_message(
+                            ignore_subscribe_messages=True, timeout=POLL_SECONDS
+                        )
+                        if message is not None:
+                            self.dispatch(orjson.loads(message["data"]))
             except (RedisError, OSError) as error:
                 if self.subscribed.is_set():
                     log.warning("event subscription lost: %s", type(error).__name__)

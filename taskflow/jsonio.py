@@ -6,7 +6,7 @@ from typing import Any
 
 import orjson
 from pydantic_core import to_jsonable_python
-from quart import Request
+from quart import Request, Response
 from quart.json.provider import DefaultJSONProvider
 
 from .errors import APIError
@@ -27,9 +27,9 @@ class ORJSONProvider(DefaultJSONProvider):
     def loads(self, s: str | bytes, **kwargs: Any) -> Any:
         return orjson.loads(s)
 
-    def response(self, *args: Any, **kwargs: Any) -> Any:
+    def response(self, *args: Any, **kwargs: Any) -> Response:
         obj = self._prepare_response_obj(args, kwargs)
-        return self._app.response_class(
+        return Response(
             orjson.dumps(obj, default=_default, option=self.option), mimetype=self.mimetype
         )
 

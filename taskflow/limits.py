@@ -9,6 +9,7 @@ from quart_rate_limiter import RateLimit, RateLimiter
 
 from .config import Config
 
+
 def client_address() -> str:
     """The client's address: the socket peer, or the ``X-Forwarded-For`` entry
     added by the outermost of the configured number of trusted proxies.

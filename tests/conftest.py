@@ -1,0 +1,159 @@
+"""Test fixtures: a fresh database per run, the app started with ``test_app()``,
+and every test isolated by emptying the tables and Redis after it.
+
+With ``TASKFLOW_TEST_DATABASE_URL`` and ``TASKFLOW_TEST_REDIS_URL`` set the
+suite runs on PostgreSQL and Redis; without them, on the embedded default.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+import redis.asyncio as aioredis
+from alembic import command
+from quart import Quart
+from quart.typing import TestClientProtocol as Client
+from sqlalchemy import delete, text
+from sqlalchemy.engine import make_url
+
+from taskflow import create_app
+from taskflow.cli import alembic_config
+from taskflow.config import Config, normalize_database_url
+from taskflow.db import backends
+from taskflow.models import Base
+
+TEST_DATABASE_URL = os.environ.get("TASKFLOW_TEST_DATABASE_URL", "").strip()
+TEST_REDIS_URL = os.environ.get("TASKFLOW_TEST_REDIS_URL", "").strip()
+ON_POSTGRES = bool(TEST_DATABASE_URL)
+TEST_SECRET = "test-secret-key-that-is-long-enough-for-hs256"
+
+postgres_only = pytest.mark.skipif(not ON_POSTGRES, reason="needs TASKFLOW_TEST_DATABASE_URL")
+redis_only = pytest.mark.skipif(not TEST_REDIS_URL, reason="needs TASKFLOW_TEST_REDIS_URL")
+
+
+def migrate(database_url: str, revision: str = "head") -> None:
+    config = alembic_config()
+    config.attributes["database_url"] = database_url
+    config.attributes["configure_logger"] = False
+    command.upgrade(config, revision)
+
+
+async def _admin(sql: str) -> None:
+    url = make_url(normalize_database_url(TEST_DATABASE_URL))
+    connection = await asyncpg.connect(
+        host=url.host,
+        port=url.port or 5432,
+        user=url.username,
+        password=url.password,
+        database=url.database or "postgres",
+    )
+    try:
+        await connection.execute(sql)
+    finally:
+        await connection.close()
+
+
+def create_postgres_database() -> str:
+    """Create an empty database for this run; return its asyncpg URL."""
+    name = f"taskflow_test_{os.getpid()}_{secrets.token_hex(4)}"
+    asyncio.run(_admin(f'CREATE DATABASE "{name}"'))
+    return (
+        make_url(normalize_database_url(TEST_DATABASE_URL))
+        .set(database=name)
+        .render_as_string(hide_password=False)
+    )
+
+
+def drop_postgres_database(url: str) -> None:
+    name = make_url(url).database
+    asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(scope="session")
+def instance_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("instance")
+
+
+@pytest.fixture(scope="session")
+def database_url(instance_dir: Path) -> Iterator[str]:
+    """The run's migrated database: a fresh PostgreSQL database, or the
+    embedded default's SQLite file."""
+    if ON_POSTGRES:
+        url = create_postgres_database()
+        migrate(url)
+        yield url
+        drop_postgres_database(url)
+    else:
+        url = Config.from_env({"TASKFLOW_INSTANCE_DIR": str(instance_dir)}).database_url
+        migrate(url)
+        yield url
+
+
+@pytest.fixture
+def environ(database_url: str, instance_dir: Path) -> dict[str, str]:
+    """The environment the app under test is configured from."""
+    env = {"TASKFLOW_BCRYPT_ROUNDS": "4", "TASKFLOW_LOG_LEVEL": "DEBUG"}
+    if ON_POSTGRES:
+        env.update(DATABASE_URL=database_url, TASKFLOW_SECRET_KEY=TEST_SECRET)
+    else:
+        env.update(TASKFLOW_INSTANCE_DIR=str(instance_dir))
+    if TEST_REDIS_URL:
+        env["REDIS_URL"] = TEST_REDIS_URL
+    return env
+
+
+@pytest.fixture
+def config(environ: dict[str, str]) -> Config:
+    return Config.from_env(environ)
+
+
+async def empty_tables(app: Quart) -> None:
+    async with app.app_context(), backends().engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            tables = ", ".join(table.name for table in Base.metadata.sorted_tables)
+            await connection.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+        else:
+            for table in reversed(Base.metadata.sorted_tables):
+                await connection.execute(delete(table))
+
+
+async def flush_redis() -> None:
+    if TEST_REDIS_URL:
+        client = aioredis.from_url(TEST_REDIS_URL)
+        await client.flushdb()
+        await client.aclose()
+
+
+@pytest.fixture
+async def app(config: Config) -> AsyncIterator[Quart]:
+    await flush_redis()
+    app = create_app(config)
+    async with app.test_app() as test_app:
+        try:
+            yield test_app.app  # type: ignore[attr-defined]
+        finally:
+            await empty_tables(test_app.app)  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def client(app: Quart) -> Client:
+    return app.test_client()
+
+
+def problem_of(response: Any, body: dict[str, Any], status: int, code: str) -> None:
+    """Assert *response* is the contract's problem+json for *status*/*code*."""
+    assert response.status_code == status, body
+    assert response.headers["Content-Type"] == "application/problem+json"
+    assert body["status"] == status
+    assert body["code"] == code
+    assert body["type"] == "about:blank"
+    assert body["title"]
+    assert body["detail"]
+    assert body["request_id"] == response.headers["X-Request-ID"]

@@ -1,0 +1,110 @@
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from taskflow import create_app
+from taskflow.config import Config, ConfigError, normalize_database_url
+
+SECRET = "s" * 32
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ("postgres://u:p@db.example:5432/app", "postgresql+asyncpg://u:p@db.example:5432/app"),
+        ("postgresql://u:p@db.example/app", "postgresql+asyncpg://u:p@db.example/app"),
+        ("postgresql+psycopg2://u@h/app", "postgresql+asyncpg://u@h/app"),
+        ("postgresql+asyncpg://u@h/app", "postgresql+asyncpg://u@h/app"),
+        ("postgres://u:p@h/app?sslmode=require", "postgresql+asyncpg://u:p@h/app?ssl=require"),
+        ("postgres://u@h/app?sslmode=verify-full", "postgresql+asyncpg://u@h/app?ssl=verify-full"),
+        ("sqlite:///data/tf.db", "sqlite+aiosqlite:///data/tf.db"),
+    ],
+)
+def test_database_url_forms_a_paas_hands_out(given: str, expected: str) -> None:
+    assert normalize_database_url(given) == expected
+
+
+@pytest.mark.parametrize("given", ["mysql://u@h/db", "not a url", "://"])
+def test_unsupported_database_url_is_refused(given: str) -> None:
+    with pytest.raises(ConfigError):
+        normalize_database_url(given)
+
+
+def test_database_url_requires_a_secret() -> None:
+    with pytest.raises(ConfigError, match="TASKFLOW_SECRET_KEY"):
+        Config.from_env({"DATABASE_URL": "postgres://u@h/app"})
+
+
+def test_short_secret_is_refused_even_on_the_embedded_default(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="32 bytes"):
+        Config.from_env({"TASKFLOW_INSTANCE_DIR": str(tmp_path), "TASKFLOW_SECRET_KEY": "short"})
+    with pytest.raises(ConfigError, match="32 bytes"):
+        Config.from_env({"DATABASE_URL": "postgres://u@h/app", "TASKFLOW_SECRET_KEY": "x" * 31})
+
+
+def test_full_configuration_from_the_environment() -> None:
+    config = Config.from_env(
+        {
+            "DATABASE_URL": "postgres://u:p@h:5433/app?sslmode=require",
+            "REDIS_URL": "rediss://:pw@cache.example:6380/0",
+            "TASKFLOW_SECRET_KEY": SECRET,
+            "PORT": "5000",
+            "TASKFLOW_TRUSTED_PROXY_HOPS": "1",
+            "TASKFLOW_BCRYPT_ROUNDS": "10",
+        }
+    )
+    assert config.database_url == "postgresql+asyncpg://u:p@h:5433/app?ssl=require"
+    assert config.redis_url == "rediss://:pw@cache.example:6380/0"
+    assert config.secret_key == SECRET
+    assert (config.port, config.trusted_proxy_hops, config.bcrypt_rounds) == (5000, 1, 10)
+    assert not config.is_sqlite
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("PORT", "http"),
+        ("PORT", "70000"),
+        ("TASKFLOW_TRUSTED_PROXY_HOPS", "-1"),
+        ("TASKFLOW_BCRYPT_ROUNDS", "3"),
+        ("REDIS_URL", "http://cache"),
+        ("TASKFLOW_RATE_LIMIT_ENABLED", "maybe"),
+    ],
+)
+def test_bad_values_are_refused_with_the_variable_named(
+    tmp_path: Path, name: str, value: str
+) -> None:
+    with pytest.raises(ConfigError, match=name):
+        Config.from_env({"TASKFLOW_INSTANCE_DIR": str(tmp_path), name: value})
+
+
+def test_embedded_default_keeps_a_generated_secret_beside_the_database(tmp_path: Path) -> None:
+    first = Config.from_env({"TASKFLOW_INSTANCE_DIR": str(tmp_path)})
+    assert first.is_sqlite
+    assert first.redis_url is None
+    assert first.database_url.startswith("sqlite+aiosqlite:///")
+    assert first.database_url.endswith(str(tmp_path / "taskflow.sqlite3"))
+    secret_file = tmp_path / "secret_key"
+    assert stat.S_IMODE(secret_file.stat().st_mode) == 0o600
+    assert len(first.secret_key) >= 32
+    # The secret survives a restart, so tokens issued before it stay valid.
+    assert Config.from_env({"TASKFLOW_INSTANCE_DIR": str(tmp_path)}).secret_key == first.secret_key
+    assert Config.from_env({"TASKFLOW_INSTANCE_DIR": str(tmp_path / "other")}).secret_key != (
+        first.secret_key
+    )
+
+
+def test_create_app_reads_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for name in ("DATABASE_URL", "REDIS_URL", "TASKFLOW_SECRET_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("TASKFLOW_INSTANCE_DIR", str(tmp_path))
+    app = create_app()
+    assert app.config["TASKFLOW"].is_sqlite
+    assert (tmp_path / "secret_key").exists()
+
+    monkeypatch.setenv("DATABASE_URL", "postgres://u@h/app")
+    with pytest.raises(ConfigError):
+        create_app()
+    assert os.environ["DATABASE_URL"]

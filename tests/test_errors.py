@@ -1,0 +1,191 @@
+"""The error contract, through probe routes that take JSON, read the database
+and fail, registered on a real app beside its own routes."""
+
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from datetime import datetime
+
+import pytest
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from quart import Blueprint, Quart
+from quart.typing import TestClientProtocol as Client
+from quart_schema import validate_request
+from sqlalchemy import text
+
+from taskflow import create_app
+from taskflow.config import Config
+from taskflow.db import session
+
+from .conftest import problem_of
+
+probe = Blueprint("probe", __name__)
+
+
+class ProbeBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    title: str = Field(min_length=1)
+    due: AwareDatetime | None = None
+
+
+@probe.post("/probe")
+@validate_request(ProbeBody)
+async def post_probe(data: ProbeBody) -> dict[str, str]:
+    return {"title": data.title}
+
+
+@probe.get("/probe/<uuid:item_id>")
+async def get_probe(item_id: uuid.UUID) -> dict[str, str]:
+    return {"id": str(item_id)}
+
+
+@probe.get("/probe/boom")
+async def boom() -> None:
+    raise RuntimeError("secret internals: password=hunter2")
+
+
+@probe.get("/probe/database")
+async def database() -> dict[str, int]:
+    result = await session().execute(text("SELECT 1"))
+    return {"value": result.scalar_one()}
+
+
+async def start_with_probe(config: Config) -> AsyncIterator[Quart]:
+    app = create_app(config)
+    app.register_blueprint(probe)
+    async with app.test_app() as test_app:
+        yield test_app.app  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+async def probe_client(config: Config) -> AsyncIterator[Client]:
+    async for app in start_with_probe(config):
+        yield app.test_client()
+
+
+async def test_unknown_route_is_404(probe_client: Client) -> None:
+    response = await probe_client.get("/no/such/route")
+    problem_of(response, await response.get_json(), 404, "not_found")
+
+
+async def test_malformed_uuid_in_path_is_404(probe_client: Client) -> None:
+    for bad in ("not-a-uuid", "1234", str(uuid.uuid4())[:-1], str(uuid.uuid4()) + "0"):
+        response = await probe_client.get(f"/probe/{bad}")
+        problem_of(response, await response.get_json(), 404, "not_found")
+    good = str(uuid.uuid4())
+    assert (await (await probe_client.get(f"/probe/{good}")).get_json()) == {"id": good}
+
+
+async def test_wrong_method_is_405_with_allow(probe_client: Client) -> None:
+    response = await probe_client.delete("/probe")
+    problem_of(response, await response.get_json(), 405, "method_not_allowed")
+    assert response.headers["Allow"] == "POST"
+    response = await probe_client.options("/healthz")
+    problem_of(response, await response.get_json(), 405, "method_not_allowed")
+
+
+async def test_body_that_is_not_json_is_400(probe_client: Client) -> None:
+    for body in (b"{not json", b'{"title": NaN}', b'{"title": 1e400}', b'"\xff\xfe"', b""):
+        response = await probe_client.post(
+            "/probe", data=body, headers={"Content-Type": "application/json"}
+        )
+        problem_of(response, await response.get_json(), 400, "invalid_json")
+
+
+async def test_body_that_is_not_application_json_is_415(probe_client: Client) -> None:
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", None):
+        headers = {"Content-Type": content_type} if content_type else {}
+        response = await probe_client.post("/probe", data=b'{"title": "x"}', headers=headers)
+        problem_of(response, await response.get_json(), 415, "unsupported_media_type")
+
+
+async def test_body_over_one_mebibyte_is_413(probe_client: Client) -> None:
+    filler = "x" * (1024 * 1024)
+    response = await probe_client.post(
+        "/probe", data=json.dumps({"title": filler}), headers={"Content-Type": "application/json"}
+    )
+    problem_of(response, await response.get_json(), 413, "payload_too_large")
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({}, "title"),
+        ({"title": ""}, "title"),
+        ({"title": "x", "id": "mine"}, "id"),
+        ({"title": "x", "due": "2026-01-01T10:00:00"}, "due"),
+        ({"title": "x", "due": "someday"}, "due"),
+        ([1, 2], "body"),
+    ],
+)
+async def test_invalid_body_is_422_naming_the_field(
+    probe_client: Client, body: object, field: str
+) -> None:
+    response = await probe_client.post("/probe", json=body)
+    payload = await response.get_json()
+    problem_of(response, payload, 422, "validation_failed")
+    assert field in [error["field"] for error in payload["errors"]], payload
+    assert all(error["message"] for error in payload["errors"])
+
+
+async def test_valid_body_passes(probe_client: Client) -> None:
+    response = await probe_client.post(
+        "/probe", json={"title": "ok", "due": "2026-01-01T10:00:00+02:00"}
+    )
+    assert response.status_code == 200
+    assert await response.get_json() == {"title": "ok"}
+
+
+async def test_unexpected_error_is_a_generic_500(
+    probe_client: Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.ERROR):
+        response = await probe_client.get("/probe/boom")
+    body = await response.get_json()
+    problem_of(response, body, 500, "internal_error")
+    assert "hunter2" not in json.dumps(body) and "Traceback" not in json.dumps(body)
+    # The details are in the server's log, tied to the request.
+    (record,) = [r for r in caplog.records if r.exc_info]
+    assert "secret internals" in str(record.exc_info[1])
+
+
+async def test_database_down_is_503_with_retry_after(environ: dict[str, str]) -> None:
+    dead = {
+        **environ,
+        "DATABASE_URL": "postgres://postgres@127.0.0.1:1/none",
+        "TASKFLOW_SECRET_KEY": "k" * 32,
+    }
+    async for app in start_with_probe(Config.from_env(dead)):
+        response = await app.test_client().get("/probe/database")
+        problem_of(response, await response.get_json(), 503, "service_unavailable")
+        assert int(response.headers["Retry-After"]) > 0
+
+
+async def test_request_id_is_echoed_when_sane_and_replaced_otherwise(
+    probe_client: Client,
+) -> None:
+    response = await probe_client.get("/healthz", headers={"X-Request-ID": "abc-123.def"})
+    assert response.headers["X-Request-ID"] == "abc-123.def"
+    for insane in ("a b", "x" * 200, "<script>", ""):
+        response = await probe_client.get("/healthz", headers={"X-Request-ID": insane})
+        assert response.headers["X-Request-ID"] != insane
+        assert len(response.headers["X-Request-ID"]) == 32
+    # Errors carry it too, in the header and the body.
+    response = await probe_client.get("/nowhere", headers={"X-Request-ID": "trace-7"})
+    assert response.headers["X-Request-ID"] == "trace-7"
+    assert (await response.get_json())["request_id"] == "trace-7"
+
+
+async def test_log_lines_are_json_with_the_request_id(
+    config: Config, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The app is built here so that its log handler writes to this test's capture.
+    async for app in start_with_probe(config):
+        await app.test_client().get("/probe/boom", headers={"X-Request-ID": "log-check-1"})
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line]
+    mine = [line for line in lines if line["request_id"] == "log-check-1"]
+    assert {line["logger"] for line in mine} >= {"taskflow.errors", "taskflow.access"}
+    access = next(line for line in mine if line["logger"] == "taskflow.access")
+    assert (access["method"], access["path"], access["status"]) == ("GET", "/probe/boom", 500)
+    assert datetime.fromisoformat(access["time"]).tzinfo is not None
