@@ -8,6 +8,7 @@ from quart_schema import Info, QuartSchema
 from . import db, errors, limits, logs
 from .config import Config
 from .jsonio import JSONRequest, ORJSONProvider
+from .openapi import BEARER, TaskFlowOpenAPIProvider
 
 __version__ = "0.1.0"
 
@@ -15,9 +16,11 @@ MAX_BODY_BYTES = 1024 * 1024
 
 schema = QuartSchema(
     info=Info(title="TaskFlow", version=__version__),
+    openapi_provider_class=TaskFlowOpenAPIProvider,
     redoc_ui_path=None,
     scalar_ui_path=None,
     swagger_ui_path="/docs",
+    security_schemes={BEARER: {"type": "http", "scheme": "bearer", "bearer_format": "JWT"}},
 )
 
 
@@ -26,7 +29,7 @@ def create_app(config: Config | None = None) -> Quart:
     config = config or Config.from_env()
     logs.configure_logging(config.log_level)
 
-    app = Quart(__name__)
+    app = Quart(__name__, static_folder=None)
     app.request_class = JSONRequest
     app.config.update(
         TASKFLOW=config,
@@ -43,7 +46,8 @@ def create_app(config: Config | None = None) -> Quart:
     errors.init_app(app)
     limits.init_app(app, config)
 
-    from .blueprints import ops
+    from .blueprints import auth, ops
 
     app.register_blueprint(ops.blueprint)
+    app.register_blueprint(auth.blueprint)
     return app

@@ -30,6 +30,8 @@ class Config:
     log_level: str = "INFO"
     # Default limit for every route, per user when authenticated, else per address.
     rate_limit_per_minute: int = 600
+    # Login and registration, per address and per email.
+    auth_rate_limit_per_minute: int = 10
     rate_limit_enabled: bool = True
     database_pool_size: int = 10
 
@@ -72,6 +74,9 @@ class Config:
             bcrypt_rounds=_int(env, "TASKFLOW_BCRYPT_ROUNDS", 12, minimum=4, maximum=31),
             log_level=env.get("TASKFLOW_LOG_LEVEL", "INFO").upper(),
             rate_limit_per_minute=_int(env, "TASKFLOW_RATE_LIMIT_PER_MINUTE", 600, minimum=1),
+            auth_rate_limit_per_minute=_int(
+                env, "TASKFLOW_AUTH_RATE_LIMIT_PER_MINUTE", 10, minimum=1
+            ),
             rate_limit_enabled=_bool(env, "TASKFLOW_RATE_LIMIT_ENABLED", True),
             database_pool_size=_int(env, "TASKFLOW_DATABASE_POOL_SIZE", 10, minimum=1),
         )

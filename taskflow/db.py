@@ -2,13 +2,14 @@
 
 Each request gets one ``AsyncSession``, opened on first use. Data functions
 take that session and never commit: the request commits once, after the view
-returned a success, and rolls back otherwise. Events the request recorded are
-handed to the broker only after that commit.
+returned a success, and rolls back otherwise. What must follow the commit
+(publishing events, invalidating caches) is registered with ``after_commit``.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,10 +111,21 @@ def session() -> AsyncSession:
     return db_session
 
 
-def pending_events(db_session: AsyncSession) -> list[dict[str, Any]]:
-    """Events recorded in this transaction, to be published once it commits."""
-    events: list[dict[str, Any]] = db_session.info.setdefault("events", [])
-    return events
+def after_commit(
+    db_session: AsyncSession, callback: Callable[..., Awaitable[None]], *args: Any
+) -> None:
+    """Run ``callback(*args)`` once this transaction has committed (publishing
+    an event, invalidating a cache); never if it rolls back."""
+    db_session.info.setdefault("after_commit", []).append((callback, args))
+
+
+def commit_even_if_refused(db_session: AsyncSession) -> None:
+    """Keep this transaction's writes although the request ends in an error.
+
+    For the rare write that is the refusal itself, such as revoking a session
+    whose spent refresh token was presented again.
+    """
+    db_session.info["commit_even_if_refused"] = True
 
 
 async def finish_request(response: Response) -> Response:
@@ -122,10 +134,10 @@ async def finish_request(response: Response) -> Response:
     if db_session is None:
         return response
     try:
-        if response.status_code < 400:
+        if response.status_code < 400 or db_session.info.get("commit_even_if_refused"):
             await db_session.commit()
-            for event_ in pending_events(db_session):
-                await backends().broker.publish(event_)
+            for callback, args in db_session.info.get("after_commit", ()):
+                await callback(*args)
         else:
             await db_session.rollback()
     finally:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import uuid
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +101,13 @@ def database_url(instance_dir: Path) -> Iterator[str]:
 @pytest.fixture
 def environ(database_url: str, instance_dir: Path) -> dict[str, str]:
     """The environment the app under test is configured from."""
-    env = {"TASKFLOW_BCRYPT_ROUNDS": "4", "TASKFLOW_LOG_LEVEL": "DEBUG"}
+    env = {
+        "TASKFLOW_BCRYPT_ROUNDS": "4",
+        "TASKFLOW_LOG_LEVEL": "INFO",
+        # Tests that are about limits set their own.
+        "TASKFLOW_RATE_LIMIT_PER_MINUTE": "100000",
+        "TASKFLOW_AUTH_RATE_LIMIT_PER_MINUTE": "100000",
+    }
     if ON_POSTGRES:
         env.update(DATABASE_URL=database_url, TASKFLOW_SECRET_KEY=TEST_SECRET)
     else:
@@ -157,3 +165,38 @@ def problem_of(response: Any, body: dict[str, Any], status: int, code: str) -> N
     assert body["title"]
     assert body["detail"]
     assert body["request_id"] == response.headers["X-Request-ID"]
+
+
+PASSWORD = "correct horse battery staple"
+
+
+@dataclass
+class TestUser:
+    __test__ = False
+
+    id: str
+    email: str
+    password: str
+    access_token: str
+    refresh_token: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.access_token}"}
+
+
+async def login(client: Client, email: str, password: str = PASSWORD) -> dict[str, Any]:
+    response = await client.post("/auth/login", json={"email": email, "password": password})
+    assert response.status_code == 200, await response.get_json()
+    tokens: dict[str, Any] = await response.get_json()
+    return tokens
+
+
+async def create_user(client: Client, email: str | None = None) -> TestUser:
+    """Register and log in a user through the API."""
+    email = email or f"user-{uuid.uuid4().hex[:12]}@example.com"
+    response = await client.post("/auth/register", json={"email": email, "password": PASSWORD})
+    assert response.status_code == 201, await response.get_json()
+    user = await response.get_json()
+    tokens = await login(client, email)
+    return TestUser(user["id"], email, PASSWORD, tokens["access_token"], tokens["refresh_token"])

@@ -12,7 +12,7 @@ from sqlalchemy import func, select
 
 from taskflow import create_app
 from taskflow.config import Config
-from taskflow.db import backends, pending_events, session
+from taskflow.db import after_commit, backends, session
 from taskflow.errors import APIError
 from taskflow.events import InProcessBroker, RedisBroker
 from taskflow.models import User
@@ -29,7 +29,7 @@ async def write_user(outcome: str) -> tuple[dict[str, str], int]:
     user = User(email=f"{uuid.uuid4().hex}@example.com", password_hash="x")
     db_session.add(user)
     await db_session.flush()
-    pending_events(db_session).append({"project_id": "p1", "user": str(user.id)})
+    after_commit(db_session, backends().broker.publish, {"project_id": "p1", "user": str(user.id)})
     if outcome == "fail":
         raise APIError(409)
     return {"id": str(user.id)}, 201

@@ -1,0 +1,93 @@
+"""The OpenAPI document, with every route's errors described by construction.
+
+Each operation lists the problem+json statuses it can answer with: those its
+decorators imply (``require_auth`` → 401, a JSON body → 400/413/415/422, an
+id in the path → 404, …) plus those a route declares with ``documents``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from http import HTTPStatus
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
+from quart_schema import OpenAPIProvider
+from quart_schema.validation import (
+    QUART_SCHEMA_QUERYSTRING_ATTRIBUTE,
+    QUART_SCHEMA_REQUEST_ATTRIBUTE,
+)
+from werkzeug.routing import Rule
+
+from .security import REQUIRES_AUTH_ATTRIBUTE
+
+DOCUMENTED_ERRORS_ATTRIBUTE = "_taskflow_documented_errors"
+EVERY_ROUTE = (429, 500, 503)
+BEARER = "bearer"
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class FieldError(BaseModel):
+    field: str
+    message: str
+
+
+class Problem(BaseModel):
+    """An RFC 9457 problem: the body of every 4xx and 5xx."""
+
+    type: str
+    title: str
+    status: int
+    code: str
+    detail: str
+    request_id: str | None
+    errors: list[FieldError] | None = None
+
+
+def documents(*statuses: int) -> Callable[[F], F]:
+    """Declare error statuses a route answers with beyond those its decorators imply."""
+
+    def decorator(view: F) -> F:
+        documented = set(getattr(view, DOCUMENTED_ERRORS_ATTRIBUTE, ()))
+        setattr(view, DOCUMENTED_ERRORS_ATTRIBUTE, documented | set(statuses))
+        return view
+
+    return decorator
+
+
+def error_statuses(view: Callable[..., Any], rule: Rule) -> set[int]:
+    statuses = set(EVERY_ROUTE) | set(getattr(view, DOCUMENTED_ERRORS_ATTRIBUTE, ()))
+    if getattr(view, REQUIRES_AUTH_ATTRIBUTE, False):
+        statuses.add(401)
+    if getattr(view, QUART_SCHEMA_REQUEST_ATTRIBUTE, None) is not None:
+        statuses |= {400, 413, 415, 422}
+    if getattr(view, QUART_SCHEMA_QUERYSTRING_ATTRIBUTE, None) is not None:
+        statuses.add(422)
+    if rule.arguments:
+        statuses.add(404)
+    return statuses
+
+
+class TaskFlowOpenAPIProvider(OpenAPIProvider):
+    def build_paths(self, rule: Rule) -> tuple[dict[str, Any], dict[str, Any]]:
+        paths, components = super().build_paths(rule)
+        view = self._app.view_functions[rule.endpoint]
+        problem = Problem.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(problem.pop("$defs", {}), Problem=problem)
+        for operations in paths.values():
+            for method, operation in operations.items():
+                responses = dict(operation["responses"])
+                for status in sorted(error_statuses(view, rule)):
+                    responses[str(status)] = {
+                        "description": HTTPStatus(status).phrase,
+                        "content": {
+                            "application/problem+json": {
+                                "schema": {"$ref": "#/components/schemas/Problem"}
+                            }
+                        },
+                    }
+                operation = operations[method] = {**operation, "responses": responses}
+                if getattr(view, REQUIRES_AUTH_ATTRIBUTE, False):
+                    operation["security"] = [{BEARER: []}]
+        return paths, components

@@ -1,0 +1,61 @@
+"""Policies that hold for every route, found by walking ``app.url_map``, so a
+new route cannot forget its authentication or its rate limit."""
+
+import uuid
+
+from quart import Quart
+from quart.typing import TestClientProtocol as Client
+from werkzeug.routing import Rule
+
+from .conftest import problem_of
+
+# Routes anyone may call. Everything else must refuse a caller without a token.
+PUBLIC_ENDPOINTS = {
+    "auth.register",
+    "auth.login",
+    "auth.refresh",
+    "ops.healthz",
+    "ops.readyz",
+    "openapi",
+    "swagger_ui",
+}
+BODY_METHODS = {"POST", "PUT", "PATCH"}
+
+
+def http_routes(app: Quart) -> list[tuple[Rule, str, str]]:
+    """Every (rule, method, concrete URL) the app serves over HTTP."""
+    routes = []
+    for rule in app.url_map.iter_rules():
+        if rule.websocket:
+            continue
+        url = rule.rule
+        for argument in rule.arguments:
+            url = url.replace(f"<uuid:{argument}>", str(uuid.uuid4()))
+            url = url.replace(f"<{argument}>", "x")
+        for method in sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}):
+            routes.append((rule, method, url))
+    return routes
+
+
+async def test_every_route_but_the_public_ones_requires_a_token(app: Quart, client: Client) -> None:
+    endpoints = {rule.endpoint for rule in app.url_map.iter_rules()}
+    assert endpoints >= PUBLIC_ENDPOINTS, "a public endpoint was renamed: update this list"
+    checked = 0
+    for rule, method, url in http_routes(app):
+        if rule.endpoint in PUBLIC_ENDPOINTS:
+            continue
+        body = {"json": {}} if method in BODY_METHODS else {}
+        response = await client.open(url, method=method, **body)
+        problem_of(response, await response.get_json(), 401, "unauthorized")
+        assert response.headers["WWW-Authenticate"] == "Bearer"
+        checked += 1
+    assert checked >= 2  # logout and me at least
+
+
+async def test_every_route_is_rate_limited(app: Quart, client: Client) -> None:
+    for _rule, method, url in http_routes(app):
+        body = {"json": {}} if method in BODY_METHODS else {}
+        response = await client.open(url, method=method, **body)
+        assert int(response.headers["RateLimit-Limit"]) > 0, (method, url)
+        assert "RateLimit-Remaining" in response.headers
+        assert "RateLimit-Reset" in response.headers
