@@ -12,6 +12,7 @@ import os
 import secrets
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 from alembic import command
-from quart import Quart
+from quart import Blueprint, Quart
 from quart.typing import TestClientProtocol as Client
 from sqlalchemy import delete, text
 from sqlalchemy.engine import make_url
@@ -139,15 +140,25 @@ async def flush_redis() -> None:
         await client.aclose()
 
 
-@pytest.fixture
-async def app(config: Config) -> AsyncIterator[Quart]:
+@asynccontextmanager
+async def running(config: Config, *blueprints: Blueprint) -> AsyncIterator[Quart]:
+    """Start an app of *config*, with any test-only blueprints, as hypercorn
+    would (startup hooks included); empty the tables after it."""
     await flush_redis()
     app = create_app(config)
-    async with app.test_app() as test_app:
+    for blueprint in blueprints:
+        app.register_blueprint(blueprint)
+    async with app.test_app():
         try:
-            yield test_app.app  # type: ignore[attr-defined]
+            yield app
         finally:
-            await empty_tables(test_app.app)  # type: ignore[attr-defined]
+            await empty_tables(app)
+
+
+@pytest.fixture
+async def app(config: Config) -> AsyncIterator[Quart]:
+    async with running(config) as app:
+        yield app
 
 
 @pytest.fixture

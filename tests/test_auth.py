@@ -13,12 +13,11 @@ from quart import Quart
 from quart.typing import TestClientProtocol as Client
 from sqlalchemy import delete
 
-from taskflow import create_app
 from taskflow.config import Config
 from taskflow.db import backends
 from taskflow.models import User
 
-from .conftest import PASSWORD, create_user, login, problem_of
+from .conftest import PASSWORD, create_user, login, problem_of, running
 
 
 async def json_of(response: Any) -> Any:
@@ -133,8 +132,7 @@ async def test_bad_logins_are_one_indistinguishable_401(client: Client) -> None:
 
 async def test_unknown_email_costs_the_same_bcrypt_work(environ: dict[str, str]) -> None:
     # At a real cost the hash dominates: an unknown email must not answer faster.
-    app = create_app(Config.from_env({**environ, "TASKFLOW_BCRYPT_ROUNDS": "10"}))
-    async with app.test_app():
+    async with running(Config.from_env({**environ, "TASKFLOW_BCRYPT_ROUNDS": "10"})) as app:
         client = app.test_client()
         await create_user(client, "timed@example.com")
 
@@ -149,8 +147,6 @@ async def test_unknown_email_costs_the_same_bcrypt_work(environ: dict[str, str])
         known = await median_seconds("timed@example.com")
         unknown = await median_seconds("nobody@example.com")
         assert 0.5 < unknown / known < 2, (known, unknown)
-        async with app.app_context(), backends().engine.begin() as connection:
-            await connection.execute(delete(User))
 
 
 def forge(config: Config, token: str, **changes: Any) -> str:
@@ -275,8 +271,7 @@ async def test_of_concurrent_refreshes_exactly_one_succeeds(client: Client) -> N
 
 
 async def test_healthz_answers_while_logins_hash(environ: dict[str, str]) -> None:
-    app = create_app(Config.from_env({**environ, "TASKFLOW_BCRYPT_ROUNDS": "12"}))
-    async with app.test_app():
+    async with running(Config.from_env({**environ, "TASKFLOW_BCRYPT_ROUNDS": "12"})) as app:
         client = app.test_client()
         await create_user(client, "busy@example.com")
         finished: list[str] = []
@@ -294,15 +289,13 @@ async def test_healthz_answers_while_logins_hash(environ: dict[str, str]) -> Non
         await asyncio.gather(*logins)
         # Every probe answered before the first of the 8 logins did.
         assert finished[:5] == ["healthz"] * 5
-        async with app.app_context(), backends().engine.begin() as connection:
-            await connection.execute(delete(User))
 
 
 async def test_logs_never_hold_passwords_or_tokens(
     config: Config, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    app = create_app(config)  # built here so its log handler writes to this capture
-    async with app.test_app():
+    # Started here, not by a fixture, so that its log handler writes to this capture.
+    async with running(config) as app:
         client = app.test_client()
         user = await create_user(client, "logged@example.com")
         await client.post("/auth/login", json={"email": user.email, "password": "wrong-password"})
@@ -311,8 +304,6 @@ async def test_logs_never_hold_passwords_or_tokens(
         )
         await client.get("/auth/me", headers=bearer("garbage-token-value"))
         await client.post("/auth/logout", headers=bearer(refreshed["access_token"]))
-        async with app.app_context(), backends().engine.begin() as connection:
-            await connection.execute(delete(User))
     logged = capsys.readouterr().err
     assert "taskflow.access" in logged
     for secret in (
@@ -347,3 +338,16 @@ async def test_openapi_describes_the_auth_routes(client: Client) -> None:
         assert "security" not in spec["paths"][path]["post"]
     assert spec["paths"]["/auth/me"]["get"]["security"] == [{"bearer": []}]
     assert spec["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+
+
+async def test_with_redis_down_the_database_answers_the_session_check(
+    environ: dict[str, str],
+) -> None:
+    dead_redis = {**environ, "REDIS_URL": "redis://127.0.0.1:1/0"}
+    async with running(Config.from_env(dead_redis)) as app:
+        client = app.test_client()
+        user = await create_user(client)
+        assert (await client.get("/auth/me", headers=user.headers)).status_code == 200
+        assert (await client.post("/auth/logout", headers=user.headers)).status_code == 204
+        response = await client.get("/auth/me", headers=user.headers)
+        problem_of(response, await json_of(response), 401, "session_revoked")

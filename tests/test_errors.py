@@ -9,7 +9,7 @@ from datetime import datetime
 
 import pytest
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
-from quart import Blueprint, Quart
+from quart import Blueprint
 from quart.typing import TestClientProtocol as Client
 from quart_schema import validate_request
 from sqlalchemy import text
@@ -18,7 +18,7 @@ from taskflow import create_app
 from taskflow.config import Config
 from taskflow.db import session
 
-from .conftest import problem_of
+from .conftest import problem_of, running
 
 probe = Blueprint("probe", __name__)
 
@@ -51,16 +51,9 @@ async def database() -> dict[str, int]:
     return {"value": result.scalar_one()}
 
 
-async def start_with_probe(config: Config) -> AsyncIterator[Quart]:
-    app = create_app(config)
-    app.register_blueprint(probe)
-    async with app.test_app() as test_app:
-        yield test_app.app  # type: ignore[attr-defined]
-
-
 @pytest.fixture
 async def probe_client(config: Config) -> AsyncIterator[Client]:
-    async for app in start_with_probe(config):
+    async with running(config, probe) as app:
         yield app.test_client()
 
 
@@ -156,7 +149,9 @@ async def test_database_down_is_503_with_retry_after(environ: dict[str, str]) ->
         "DATABASE_URL": "postgres://postgres@127.0.0.1:1/none",
         "TASKFLOW_SECRET_KEY": "k" * 32,
     }
-    async for app in start_with_probe(Config.from_env(dead)):
+    app = create_app(Config.from_env(dead))
+    app.register_blueprint(probe)
+    async with app.test_app():
         response = await app.test_client().get("/probe/database")
         problem_of(response, await response.get_json(), 503, "service_unavailable")
         assert int(response.headers["Retry-After"]) > 0
@@ -181,7 +176,7 @@ async def test_log_lines_are_json_with_the_request_id(
     config: Config, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # The app is built here so that its log handler writes to this test's capture.
-    async for app in start_with_probe(config):
+    async with running(config, probe) as app:
         await app.test_client().get("/probe/boom", headers={"X-Request-ID": "log-check-1"})
     lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line]
     mine = [line for line in lines if line["request_id"] == "log-check-1"]

@@ -17,7 +17,7 @@ from taskflow.errors import APIError
 from taskflow.events import InProcessBroker, RedisBroker
 from taskflow.models import User
 
-from .conftest import TEST_REDIS_URL, empty_tables, redis_only
+from .conftest import TEST_REDIS_URL, redis_only, running
 
 probe = Blueprint("probe", __name__)
 
@@ -37,11 +37,8 @@ async def write_user(outcome: str) -> tuple[dict[str, str], int]:
 
 @pytest.fixture
 async def probe_app(config: Config) -> AsyncIterator[Quart]:
-    app = create_app(config)
-    app.register_blueprint(probe)
-    async with app.test_app() as test_app:
-        yield test_app.app  # type: ignore[attr-defined]
-        await empty_tables(test_app.app)  # type: ignore[attr-defined]
+    async with running(config, probe) as app:
+        yield app
 
 
 async def count_users(app: Quart) -> int:

@@ -6,10 +6,9 @@ import pytest
 from quart import Quart
 from quart.typing import TestClientProtocol as Client
 
-from taskflow import create_app
 from taskflow.config import Config
 
-from .conftest import PASSWORD, create_user, empty_tables, problem_of
+from .conftest import PASSWORD, create_user, problem_of, running
 
 AUTH_LIMIT = 3
 
@@ -24,10 +23,8 @@ async def limited_app(environ: dict[str, str]) -> AsyncIterator[Quart]:
             "TASKFLOW_TRUSTED_PROXY_HOPS": "1",
         }
     )
-    app = create_app(config)
-    async with app.test_app() as test_app:
-        yield test_app.app  # type: ignore[attr-defined]
-        await empty_tables(test_app.app)  # type: ignore[attr-defined]
+    async with running(config) as app:
+        yield app
 
 
 def from_address(address: str, forged: str | None = None) -> dict[str, str]:
