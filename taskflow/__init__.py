@@ -37,6 +37,8 @@ def create_app(config: Config | None = None) -> Quart:
         # OPTIONS would answer every route without authentication; there is no
         # CORS preflight to serve, so it is a plain 405 like any other method.
         PROVIDE_AUTOMATIC_OPTIONS=False,
+        QUART_SCHEMA_SWAGGER_JS_URL="/docs/assets/swagger-ui-bundle.js",
+        QUART_SCHEMA_SWAGGER_CSS_URL="/docs/assets/swagger-ui.css",
     )
 
     schema.init_app(app)
@@ -46,8 +48,8 @@ def create_app(config: Config | None = None) -> Quart:
     errors.init_app(app)
     limits.init_app(app, config)
 
-    from .blueprints import auth, ops
+    from .blueprints import auth, ops, projects, tasks
 
-    app.register_blueprint(ops.blueprint)
-    app.register_blueprint(auth.blueprint)
+    for blueprint in (ops.blueprint, auth.blueprint, projects.blueprint, tasks.blueprint):
+        app.register_blueprint(blueprint)
     return app

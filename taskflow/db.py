@@ -13,9 +13,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 import redis.asyncio as aioredis
 from quart import Quart, Response, current_app, g
-from sqlalchemy import event, exc
+from sqlalchemy import Row, Select, event, exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -24,10 +25,15 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+from .broker import Broker, InProcessBroker, RedisBroker
 from .config import Config
-from .events import Broker, InProcessBroker, RedisBroker
 
 EXTENSION_KEY = "taskflow.backends"
+
+# Core selects and rows of any columns, for functions that build or read them.
+AnySelect = Select[*tuple[Any, ...]]
+AnyRow = Row[*tuple[Any, ...]]
+
 CONNECT_TIMEOUT_SECONDS = 5.0
 
 
@@ -64,11 +70,17 @@ class Backends:
         await self.engine.dispose()
 
 
+def _json_dumps(value: Any) -> str:
+    return orjson.dumps(value, option=orjson.OPT_UTC_Z).decode()
+
+
 def create_engine(config: Config) -> AsyncEngine:
     url = make_url(config.database_url)
     if url.get_backend_name() != "sqlite":
         return create_async_engine(
             url,
+            json_serializer=_json_dumps,
+            json_deserializer=orjson.loads,
             pool_size=config.database_pool_size,
             max_overflow=config.database_pool_size // 2,
             pool_timeout=CONNECT_TIMEOUT_SECONDS,
@@ -78,7 +90,12 @@ def create_engine(config: Config) -> AsyncEngine:
                 "server_settings": {"application_name": "taskflow"},
             },
         )
-    engine = create_async_engine(url, connect_args={"timeout": 30})
+    engine = create_async_engine(
+        url,
+        json_serializer=_json_dumps,
+        json_deserializer=orjson.loads,
+        connect_args={"timeout": 30},
+    )
 
     # SQLite: enforce foreign keys, and take the write lock when a transaction
     # begins so that two transactions never deadlock upgrading a read lock.

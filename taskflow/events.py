@@ -1,113 +1,103 @@
-"""The event broker: committed events fanned out to this process's listeners.
-
-The database's event log is the truth; the broker only makes delivery fast.
-With Redis, every process holds one pub/sub connection and fans each message
-out in memory to its own listeners; without Redis (the embedded default, a
-single process) publishing hands the event straight to the listeners.
-"""
+"""The event log: every write appends one event in its own transaction, and
+the event is handed to the broker only once that transaction has committed."""
 
 from __future__ import annotations
 
-import asyncio
-import logging
-from collections import defaultdict
-from collections.abc import Callable
+import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from sqlalchemy import insert, select
+from sqlalchemy.ext.asyncio import AsyncSession
 
-EventDict = dict[str, Any]
-Listener = Callable[[EventDict], None]
+from .db import AnyRow, after_commit, backends
+from .models import Event
 
-CHANNEL = "taskflow:events"
-RECONNECT_DELAY_SECONDS = 0.5
-# How often the receiving loop looks up from Redis to see whether it should stop.
-POLL_SECONDS = 0.25
-
-log = logging.getLogger(__name__)
-
-
-class Broker:
-    """Keeps the listeners per project; subclasses decide how events arrive.
-
-    Listeners are plain callables that must not block: they hand the event to
-    a queue of their own.
-    """
-
-    def __init__(self) -> None:
-        self._listeners: defaultdict[str, set[Listener]] = defaultdict(set)
-
-    def add_listener(self, project_id: str, listener: Listener) -> None:
-        self._listeners[project_id].add(listener)
-
-    def remove_listener(self, project_id: str, listener: Listener) -> None:
-        listeners = self._listeners.get(project_id)
-        if listeners is not None:
-            listeners.discard(listener)
-            if not listeners:
-                del self._listeners[project_id]
-
-    def dispatch(self, event: EventDict) -> None:
-        for listener in tuple(self._listeners.get(event["project_id"], ())):
-            listener(event)
-
-    async def start(self) -> None:
-        return None
-
-    async def close(self) -> None:
-        return None
-
-    async def publish(self, event: EventDict) -> None:
-        raise NotImplementedError
+EVENT_COLUMNS = (
+    Event.id,
+    Event.event,
+    Event.project_id,
+    Event.actor_id,
+    Event.occurred_at,
+    Event.data,
+    Event.changes,
+)
 
 
-class InProcessBroker(Broker):
-    async def publish(self, event: EventDict) -> None:
-        self.dispatch(event)
+def jsonable(value: Any) -> Any:
+    """*value* as plain JSON types, exactly as a client will read it."""
+    return orjson.loads(orjson.dumps(value, option=orjson.OPT_UTC_Z))
 
 
-class RedisBroker(Broker):
-    def __init__(self, redis: aioredis.Redis) -> None:
-        super().__init__()
-        self._redis = redis
-        self._task: asyncio.Task[None] | None = None
-        self._closing = False
-        self.subscribed = asyncio.Event()
+def envelope(
+    event_id: int,
+    event: str,
+    project_id: uuid.UUID,
+    actor_id: uuid.UUID | None,
+    occurred_at: datetime,
+    data: dict[str, Any],
+    changes: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The event as clients receive it, over the WebSocket and from the feed."""
+    message: dict[str, Any] = {
+        "type": "event",
+        "id": event_id,
+        "event": event,
+        "project_id": str(project_id),
+        "actor_id": str(actor_id) if actor_id else None,
+        "occurred_at": jsonable(occurred_at),
+        "data": data,
+    }
+    if changes is not None:
+        message["changes"] = changes
+    return message
 
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._receive_forever(), name="redis-broker")
 
-    async def close(self) -> None:
-        # Stopped by a flag, not by cancelling: redis-py can swallow a
-        # cancellation that lands mid-read and go on reading forever.
-        self._closing = True
-        if self._task is not None:
-            await self._task
+def envelope_of(row: AnyRow) -> dict[str, Any]:
+    return envelope(
+        row.id, row.event, row.project_id, row.actor_id, row.occurred_at, row.data, row.changes
+    )
 
-    async def publish(self, event: EventDict) -> None:
-        # The event is already committed to the log; a Redis outage must not
-        # fail the request that wrote it. Subscribers catch up from the log.
-        try:
-            await self._redis.publish(CHANNEL, orjson.dumps(event))
-        except (RedisError, OSError) as error:
-            log.warning("event not published: %s", type(error).__name__)
 
-    async def _receive_forever(self) -> None:
-        while not self._closing:
-            try:
-                async with self._redis.pubsub(ignore_subscribe_messages=True) as pubsub:
-                    await pubsub.subscribe(CHANNEL)
-                    self.subscribed.set()
-                    while not self._closing:
-                        message = await pubsub.get_message(
-                            ignore_subscribe_messages=True, timeout=POLL_SECONDS
-                        )
-                        if message is not None:
-                            self.dispatch(orjson.loads(message["data"]))
-            except (RedisError, OSError) as error:
-                if self.subscribed.is_set():
-                    log.warning("event subscription lost: %s", type(error).__name__)
-                self.subscribed.clear()
-                await asyncio.sleep(RECONNECT_DELAY_SECONDS)
+async def record_event(
+    db_session: AsyncSession,
+    event: str,
+    project_id: uuid.UUID,
+    actor_id: uuid.UUID,
+    data: dict[str, Any],
+    changes: dict[str, Any] | None = None,
+) -> None:
+    """Append *event* to the log; publish it after the transaction commits."""
+    occurred_at = datetime.now(UTC)
+    data = jsonable(data)
+    changes = jsonable(changes) if changes is not None else None
+    event_id = (
+        await db_session.execute(
+            insert(Event)
+            .values(
+                project_id=project_id,
+                event=event,
+                actor_id=actor_id,
+                occurred_at=occurred_at,
+                data=data,
+                changes=changes,
+            )
+            .returning(Event.id)
+        )
+    ).scalar_one()
+    message = envelope(event_id, event, project_id, actor_id, occurred_at, data, changes)
+    after_commit(db_session, backends().broker.publish, message)
+
+
+async def events_after(
+    db_session: AsyncSession, project_id: uuid.UUID, since: int, limit: int
+) -> list[dict[str, Any]]:
+    """The project's events with ``id > since``, oldest first."""
+    rows = await db_session.execute(
+        select(*EVENT_COLUMNS)
+        .where(Event.project_id == project_id, Event.id > since)
+        .order_by(Event.id)
+        .limit(limit)
+    )
+    return [envelope_of(row) for row in rows]

@@ -1,8 +1,11 @@
 """The OpenAPI document, with every route's errors described by construction.
 
-Each operation lists the problem+json statuses it can answer with: those its
-decorators imply (``require_auth`` → 401, a JSON body → 400/413/415/422, an
-id in the path → 404, …) plus those a route declares with ``documents``.
+Routes return plain data that orjson serialises (no model round trip on the
+way out); ``responds`` documents the body's model, which the tests and the
+schema fuzzer hold the route to. Each operation also lists the problem+json
+statuses it can answer with: those its decorators imply (``require_auth`` →
+401, a JSON body → 400/413/415/422, an id in the path → 404, …) plus those a
+route declares with ``documents``.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from werkzeug.routing import Rule
 from .security import REQUIRES_AUTH_ATTRIBUTE
 
 DOCUMENTED_ERRORS_ATTRIBUTE = "_taskflow_documented_errors"
+RESPONSES_ATTRIBUTE = "_taskflow_responses"
 EVERY_ROUTE = (429, 500, 503)
 BEARER = "bearer"
 
@@ -56,6 +60,18 @@ def documents(*statuses: int) -> Callable[[F], F]:
     return decorator
 
 
+def responds(model: type[BaseModel] | None, status: int = 200) -> Callable[[F], F]:
+    """Document that the route answers *status* with a body of *model* (None: no body)."""
+
+    def decorator(view: F) -> F:
+        responses = dict(getattr(view, RESPONSES_ATTRIBUTE, {}))
+        responses[status] = model
+        setattr(view, RESPONSES_ATTRIBUTE, responses)
+        return view
+
+    return decorator
+
+
 def error_statuses(view: Callable[..., Any], rule: Rule) -> set[int]:
     statuses = set(EVERY_ROUTE) | set(getattr(view, DOCUMENTED_ERRORS_ATTRIBUTE, ()))
     if getattr(view, REQUIRES_AUTH_ATTRIBUTE, False):
@@ -75,9 +91,16 @@ class TaskFlowOpenAPIProvider(OpenAPIProvider):
         view = self._app.view_functions[rule.endpoint]
         problem = Problem.model_json_schema(ref_template="#/components/schemas/{model}")
         components.update(problem.pop("$defs", {}), Problem=problem)
+        successes: dict[str, Any] = {}
+        for status, model in getattr(view, RESPONSES_ATTRIBUTE, {}).items():
+            if model is None:
+                successes[str(status)] = {"description": HTTPStatus(status).phrase}
+            else:
+                successes[str(status)], models = self.build_response_object(model, None)
+                components.update(models)
         for operations in paths.values():
             for method, operation in operations.items():
-                responses = dict(operation["responses"])
+                responses = {**operation["responses"], **successes}
                 for status in sorted(error_statuses(view, rule)):
                     responses[str(status)] = {
                         "description": HTTPStatus(status).phrase,

@@ -11,10 +11,10 @@ from quart import Blueprint, Quart
 from sqlalchemy import func, select
 
 from taskflow import create_app
+from taskflow.broker import InProcessBroker, RedisBroker
 from taskflow.config import Config
 from taskflow.db import after_commit, backends, session
 from taskflow.errors import APIError
-from taskflow.events import InProcessBroker, RedisBroker
 from taskflow.models import User
 
 from .conftest import TEST_REDIS_URL, redis_only, running

@@ -18,6 +18,7 @@ PUBLIC_ENDPOINTS = {
     "ops.readyz",
     "openapi",
     "swagger_ui",
+    "ops.docs_asset",
 }
 BODY_METHODS = {"POST", "PUT", "PATCH"}
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
+from typing import Any, Literal
 
 from email_validator import EmailNotValidError, validate_email
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 from quart import Blueprint
 from quart_rate_limiter import rate_limit
-from quart_schema import validate_request, validate_response
+from quart_schema import validate_request
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -18,7 +19,7 @@ from ..db import after_commit, commit_even_if_refused, session
 from ..errors import APIError
 from ..limits import AUTH_LIMITS
 from ..models import AuthSession, User
-from ..openapi import documents
+from ..openapi import documents, responds
 from ..security import (
     BCRYPT_MAX_BYTES,
     REFRESH_TOKEN_LIFETIME,
@@ -81,42 +82,47 @@ class UserOut(BaseModel):
     created_at: AwareDatetime
 
 
+def user_of(user: User) -> dict[str, Any]:
+    return {"id": user.id, "email": user.email, "created_at": user.created_at}
+
+
 @blueprint.post("/register")
 @rate_limit(limits=AUTH_LIMITS)
 @documents(409)
 @validate_request(Registration)
-@validate_response(UserOut, 201)
-async def register(data: Registration) -> tuple[UserOut, int]:
+@responds(UserOut, 201)
+async def register(data: Registration) -> tuple[dict[str, Any], int]:
     """Create an account.
 
     The email is stored lower-cased; the password must be 8 characters to 72
     UTF-8 bytes. A taken email is a 409.
     """
     user = await create_user(session(), data.email, await hash_password(data.password))
-    return UserOut(id=user.id, email=user.email, created_at=user.created_at), 201
+    return user_of(user), 201
 
 
 class TokensOut(BaseModel):
     access_token: str
     refresh_token: str
-    token_type: str = "bearer"  # noqa: S105 (the scheme, not a secret)
+    token_type: Literal["bearer"]
     expires_in: int
 
 
-def tokens_out(tokens: IssuedTokens) -> TokensOut:
-    return TokensOut(
-        access_token=tokens.access_token,
-        refresh_token=tokens.refresh_token,
-        expires_in=tokens.expires_in,
-    )
+def tokens_of(tokens: IssuedTokens) -> dict[str, Any]:
+    return {
+        "access_token": tokens.access_token,
+        "refresh_token": tokens.refresh_token,
+        "token_type": "bearer",
+        "expires_in": tokens.expires_in,
+    }
 
 
 @blueprint.post("/login")
 @rate_limit(limits=AUTH_LIMITS)
 @documents(401)
 @validate_request(Credentials)
-@validate_response(TokensOut)
-async def login(data: Credentials) -> TokensOut:
+@responds(TokensOut)
+async def login(data: Credentials) -> dict[str, Any]:
     """Exchange email and password for an access and a refresh token.
 
     Unknown email, wrong password and over-long password are the same 401
@@ -127,7 +133,7 @@ async def login(data: Credentials) -> TokensOut:
     if not await check_password(data.password, user.password_hash if user else None):
         raise APIError(401, "invalid_credentials", "The email or password is wrong.")
     assert user is not None
-    return tokens_out(await start_session(db_session, user.id))
+    return tokens_of(await start_session(db_session, user.id))
 
 
 class RefreshRequest(BaseModel):
@@ -139,8 +145,8 @@ class RefreshRequest(BaseModel):
 @blueprint.post("/refresh")
 @documents(401)
 @validate_request(RefreshRequest)
-@validate_response(TokensOut)
-async def refresh(data: RefreshRequest) -> TokensOut:
+@responds(TokensOut)
+async def refresh(data: RefreshRequest) -> dict[str, Any]:
     """Spend a refresh token for a new pair.
 
     A refresh token works once. Presenting a spent one again is taken as
@@ -156,11 +162,12 @@ async def refresh(data: RefreshRequest) -> TokensOut:
             commit_even_if_refused(db_session)
             after_commit(db_session, forget_revoked_session, claims.session_id)
         raise APIError(401, "session_revoked", "The refresh token is spent or revoked.")
-    return tokens_out(tokens)
+    return tokens_of(tokens)
 
 
 @blueprint.post("/logout")
 @require_auth
+@responds(None, 204)
 async def logout(auth: Auth) -> tuple[str, int]:
     """Revoke the caller's session: its refresh and access tokens stop working."""
     db_session = session()
@@ -171,13 +178,13 @@ async def logout(auth: Auth) -> tuple[str, int]:
 
 @blueprint.get("/me")
 @require_auth
-@validate_response(UserOut)
-async def me(auth: Auth) -> UserOut:
+@responds(UserOut)
+async def me(auth: Auth) -> dict[str, Any]:
     """The caller's account."""
     user = await session().get(User, auth.user_id)
     if user is None:
         raise APIError(401, "unauthorized", "The account no longer exists.")
-    return UserOut(id=user.id, email=user.email, created_at=user.created_at)
+    return user_of(user)
 
 
 # Data functions: they take the session and never commit.

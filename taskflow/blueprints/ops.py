@@ -1,16 +1,18 @@
-"""Operations: liveness and readiness probes."""
+"""Operations: liveness and readiness probes, and the assets of ``/docs``."""
 
 from __future__ import annotations
 
 import asyncio
 
+from openapi_ui_bundles.swagger_ui import static_path as swagger_ui_assets
 from pydantic import BaseModel
-from quart import Blueprint
-from quart_schema import validate_response
+from quart import Blueprint, Response, send_from_directory
+from quart_schema import hide
 from sqlalchemy import text
 
 from ..db import backends, is_unavailable
 from ..errors import RETRY_AFTER_UNAVAILABLE_SECONDS, APIError
+from ..openapi import documents, responds
 
 blueprint = Blueprint("ops", __name__)
 
@@ -27,15 +29,16 @@ class Readiness(BaseModel):
 
 
 @blueprint.get("/healthz")
-@validate_response(Health)
-async def healthz() -> Health:
+@responds(Health)
+async def healthz() -> dict[str, str]:
     """Liveness: answers while the process runs, touching nothing else."""
-    return Health(status="ok")
+    return {"status": "ok"}
 
 
 @blueprint.get("/readyz")
-@validate_response(Readiness)
-async def readyz() -> Readiness:
+@responds(Readiness)
+@documents(503)
+async def readyz() -> dict[str, str]:
     """Readiness: whether the database and Redis (when configured) answer.
 
     503 names what is down.
@@ -48,7 +51,7 @@ async def readyz() -> Readiness:
             detail=f"Not ready: {' and '.join(down)} down.",
             headers={"Retry-After": str(RETRY_AFTER_UNAVAILABLE_SECONDS)},
         )
-    return Readiness(database=database, redis=redis)
+    return {"database": database, "redis": redis}
 
 
 async def _probe_database() -> str:
@@ -75,3 +78,10 @@ async def _probe_redis() -> str:
             return "down"
         raise
     return "ok"
+
+
+@blueprint.get("/docs/assets/<path:filename>")
+@hide
+async def docs_asset(filename: str) -> Response:
+    """Swagger UI's files, served by the app so ``/docs`` works with no internet."""
+    return await send_from_directory(swagger_ui_assets, filename)

@@ -1,0 +1,447 @@
+"""Tasks: any member of a project (owner included) may read and write its tasks.
+
+Reads are lean: a task is one query (the caller's membership is a join), a
+page is two (membership, then the keyset page). Rows come from Core selects
+and go out through orjson, with no ORM objects on the way.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import AwareDatetime, BaseModel, Field, field_validator
+from quart import Blueprint, request
+from quart_schema import validate_querystring, validate_request
+from sqlalchemy import (
+    ColumnElement,
+    and_,
+    delete,
+    insert,
+    or_,
+    select,
+    text,
+    tuple_,
+    union_all,
+    update,
+)
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.sql.expression import TextClause
+
+from ..db import AnyRow, AnySelect, session
+from ..errors import APIError, validation_failed
+from ..events import record_event
+from ..models import Project, ProjectMember, Task, TaskStatus
+from ..openapi import documents, responds
+from ..pagination import decode_cursor, encode_cursor, invalid_cursor
+from ..schemas import Description, Page, RequestModel, TaskTitle, Timestamp
+from ..security import Auth, require_auth
+from .projects import project_role
+
+blueprint = Blueprint("tasks", __name__)
+
+
+class TaskOut(BaseModel):
+    id: uuid.UUID
+    project_id: uuid.UUID
+    title: str
+    description: str | None
+    status: TaskStatus
+    assignee_id: uuid.UUID | None
+    due_date: AwareDatetime | None
+    created_at: AwareDatetime
+    updated_at: AwareDatetime
+
+
+STATUS_LIST = r"^(pending|in_progress|completed)(,(pending|in_progress|completed))*$"
+Sort = Literal[
+    "created_at", "-created_at", "updated_at", "-updated_at", "due_date", "-due_date", "title",
+    "-title",
+]  # fmt: skip
+
+
+class TaskQuery(RequestModel):
+    status: str | None = Field(
+        None, pattern=STATUS_LIST, description="One or more statuses, comma-separated."
+    )
+    assignee_id: str | None = Field(None, description="A user id, `me`, or `none`.")
+    due_before: Timestamp | None = Field(None, description="Due strictly before this time.")
+    due_after: Timestamp | None = Field(None, description="Due strictly after this time.")
+    q: str | None = Field(
+        None, min_length=1, max_length=200, description="Words to find in title or description."
+    )
+    sort: Sort = Field("-created_at", description="Tasks with no due date sort last.")
+    limit: int = Field(50, ge=1, le=100)
+    cursor: str | None = Field(None, max_length=2048)
+
+    @field_validator("assignee_id")
+    @classmethod
+    def _assignee(cls, value: str | None) -> str | None:
+        if value is not None and value not in ("me", "none"):
+            uuid.UUID(value)  # ValueError → 422
+        return value
+
+    @field_validator("q")
+    @classmethod
+    def _words(cls, value: str | None) -> str | None:
+        if value is not None and ("\x00" in value or not value.split()):
+            raise ValueError("must contain words")
+        return value
+
+
+@blueprint.get("/projects/<uuid:project_id>/tasks")
+@require_auth
+@validate_querystring(TaskQuery)
+@responds(Page[TaskOut])
+async def list_tasks(auth: Auth, project_id: uuid.UUID, query_args: TaskQuery) -> dict[str, Any]:
+    """List a project's tasks: filtered, searched, sorted, and paged by cursor."""
+    db_session = session()
+    await project_role(db_session, project_id, auth.user_id)
+    return await task_page(db_session, project_id, auth.user_id, query_args)
+
+
+class TaskCreate(RequestModel):
+    title: TaskTitle
+    description: Description | None = None
+    status: TaskStatus = TaskStatus.PENDING
+    assignee_id: uuid.UUID | None = None
+    due_date: Timestamp | None = None
+
+
+@blueprint.post("/projects/<uuid:project_id>/tasks")
+@require_auth
+@validate_request(TaskCreate)
+@responds(TaskOut, 201)
+async def create_task(
+    auth: Auth, project_id: uuid.UUID, data: TaskCreate
+) -> tuple[dict[str, Any], int, dict[str, str]]:
+    """Create a task; the assignee, if any, must be a member of the project."""
+    task, version = await insert_task(session(), project_id, auth.user_id, data.model_dump())
+    return task, 201, {"Location": f"/tasks/{task['id']}", "ETag": etag(version)}
+
+
+@blueprint.get("/tasks/<uuid:task_id>")
+@require_auth
+@responds(TaskOut)
+async def get_task(auth: Auth, task_id: uuid.UUID) -> tuple[dict[str, Any], int, dict[str, str]]:
+    """Get a task of a project the caller is a member of, with its ``ETag``."""
+    row = (await session().execute(tasks_of(auth.user_id).where(Task.id == task_id))).first()
+    if row is None:
+        raise task_not_found()
+    return task_of(row), 200, {"ETag": etag(row.version)}
+
+
+class TaskReplace(RequestModel):
+    title: TaskTitle
+    description: Description | None = None
+    status: TaskStatus = TaskStatus.PENDING
+    assignee_id: uuid.UUID | None = None
+    due_date: Timestamp | None = None
+
+
+@blueprint.put("/tasks/<uuid:task_id>")
+@require_auth
+@documents(412)
+@validate_request(TaskReplace)
+@responds(TaskOut)
+async def replace_task(
+    auth: Auth, task_id: uuid.UUID, data: TaskReplace
+) -> tuple[dict[str, Any], int, dict[str, str]]:
+    """Replace a task's writable fields: an omitted one becomes null (status: pending).
+
+    With ``If-Match``, a stale ``ETag`` is a 412 and nothing changes.
+    """
+    task, version = await update_task(session(), task_id, auth.user_id, data.model_dump())
+    return task, 200, {"ETag": etag(version)}
+
+
+class TaskPatch(RequestModel):
+    # Omitted: unchanged. null clears description, assignee_id and due_date;
+    # title and status cannot be null.
+    title: TaskTitle = None  # type: ignore[assignment]
+    description: Description | None = None
+    status: TaskStatus = None  # type: ignore[assignment]
+    assignee_id: uuid.UUID | None = None
+    due_date: Timestamp | None = None
+
+
+@blueprint.patch("/tasks/<uuid:task_id>")
+@require_auth
+@documents(412)
+@validate_request(TaskPatch)
+@responds(TaskOut)
+async def patch_task(
+    auth: Auth, task_id: uuid.UUID, data: TaskPatch
+) -> tuple[dict[str, Any], int, dict[str, str]]:
+    """Change only the fields sent; ``null`` clears. ``If-Match`` as for PUT."""
+    values = data.model_dump(include=data.model_fields_set)
+    task, version = await update_task(session(), task_id, auth.user_id, values)
+    return task, 200, {"ETag": etag(version)}
+
+
+@blueprint.delete("/tasks/<uuid:task_id>")
+@require_auth
+@documents(412)
+@responds(None, 204)
+async def delete_task(auth: Auth, task_id: uuid.UUID) -> tuple[str, int]:
+    """Delete a task (honouring ``If-Match``)."""
+    await remove_task(session(), task_id, auth.user_id)
+    return "", 204
+
+
+# Data functions: they take the session and never commit.
+
+TASK_FIELDS = (
+    Task.id,
+    Task.project_id,
+    Task.title,
+    Task.description,
+    Task.status,
+    Task.assignee_id,
+    Task.due_date,
+    Task.created_at,
+    Task.updated_at,
+)
+TASK_FIELD_NAMES = tuple(column.key for column in TASK_FIELDS)
+WRITABLE_FIELDS = ("title", "description", "status", "assignee_id", "due_date")
+# PostgreSQL's full-text document of a task; migration 0002 indexes exactly this.
+SEARCH_DOCUMENT = "to_tsvector('simple', title || ' ' || coalesce(description, ''))"
+
+
+def task_not_found() -> APIError:
+    return APIError(404, "not_found", "Task not found.")
+
+
+def task_of(row: AnyRow) -> dict[str, Any]:
+    return dict(zip(TASK_FIELD_NAMES, row, strict=False))
+
+
+def etag(version: int) -> str:
+    return f'"{version}"'
+
+
+def tasks_of(user_id: uuid.UUID) -> AnySelect:
+    """Tasks with their version, found only through the caller's membership."""
+    return select(*TASK_FIELDS, Task.version).join(
+        ProjectMember,
+        and_(ProjectMember.project_id == Task.project_id, ProjectMember.user_id == user_id),
+    )
+
+
+async def locked_task(db_session: AsyncSession, task_id: uuid.UUID, user_id: uuid.UUID) -> AnyRow:
+    """The task about to be written, its project's row locked (events commit in
+    order), after checking ``If-Match`` against it."""
+    row = (
+        await db_session.execute(
+            tasks_of(user_id)
+            .join(Project, Project.id == Task.project_id)
+            .where(Task.id == task_id)
+            .with_for_update(of=Project)
+        )
+    ).first()
+    if row is None:
+        raise task_not_found()
+    check_if_match(row.version)
+    return row
+
+
+def check_if_match(version: int) -> None:
+    header = request.headers.get("If-Match")
+    if header is None or header.strip() == "*":
+        return
+    if etag(version) not in (tag.strip() for tag in header.split(",")):
+        raise APIError(412, "precondition_failed", "The task has changed since that ETag.")
+
+
+async def ensure_assignable(
+    db_session: AsyncSession, project_id: uuid.UUID, assignee_id: uuid.UUID | None
+) -> None:
+    if assignee_id is None:
+        return
+    member = await db_session.execute(
+        select(ProjectMember.user_id).where(
+            ProjectMember.project_id == project_id, ProjectMember.user_id == assignee_id
+        )
+    )
+    if member.first() is None:
+        raise validation_failed(
+            [{"field": "assignee_id", "message": "is not a member of this project"}]
+        )
+
+
+async def insert_task(
+    db_session: AsyncSession, project_id: uuid.UUID, user_id: uuid.UUID, values: dict[str, Any]
+) -> tuple[dict[str, Any], int]:
+    await project_role(db_session, project_id, user_id, for_write=True)
+    await ensure_assignable(db_session, project_id, values["assignee_id"])
+    now = datetime.now(UTC)
+    row = (
+        await db_session.execute(
+            insert(Task)
+            .values(
+                id=uuid.uuid4(), project_id=project_id, created_at=now, updated_at=now, **values
+            )
+            .returning(*TASK_FIELDS, Task.version)
+        )
+    ).one()
+    task = task_of(row)
+    await record_event(db_session, "task.created", project_id, user_id, task)
+    return task, row.version
+
+
+async def update_task(
+    db_session: AsyncSession, task_id: uuid.UUID, user_id: uuid.UUID, values: dict[str, Any]
+) -> tuple[dict[str, Any], int]:
+    current = await locked_task(db_session, task_id, user_id)
+    if values.get("assignee_id") is not None:
+        await ensure_assignable(db_session, current.project_id, values["assignee_id"])
+    row = (
+        await db_session.execute(
+            update(Task)
+            .where(Task.id == task_id)
+            .values(**values, version=Task.version + 1, updated_at=datetime.now(UTC))
+            .returning(*TASK_FIELDS, Task.version)
+        )
+    ).one()
+    before, after = task_of(current), task_of(row)
+    changes = {
+        field: [before[field], after[field]]
+        for field in WRITABLE_FIELDS
+        if before[field] != after[field]
+    }
+    await record_event(db_session, "task.updated", current.project_id, user_id, after, changes)
+    return after, row.version
+
+
+async def remove_task(db_session: AsyncSession, task_id: uuid.UUID, user_id: uuid.UUID) -> None:
+    current = await locked_task(db_session, task_id, user_id)
+    await db_session.execute(delete(Task).where(Task.id == task_id))
+    await record_event(db_session, "task.deleted", current.project_id, user_id, task_of(current))
+
+
+async def task_page(
+    db_session: AsyncSession, project_id: uuid.UUID, user_id: uuid.UUID, query: TaskQuery
+) -> dict[str, Any]:
+    descending = query.sort.startswith("-")
+    sort_name = query.sort.lstrip("-")
+    scope = f"tasks:{project_id}:{query.sort}"
+    position = (
+        decode_task_position(sort_name, decode_cursor(query.cursor, scope))
+        if (query.cursor)
+        else None
+    )
+
+    base = select(*TASK_FIELDS).where(
+        Task.project_id == project_id,
+        *task_filters(query, user_id, db_session.get_bind().dialect.name),
+    )
+    page_query = (
+        due_date_page(base, descending, position, query.limit + 1)
+        if sort_name == "due_date"
+        else keyset_page(base, getattr(Task, sort_name), descending, position, query.limit + 1)
+    )
+    rows = [task_of(row) for row in await db_session.execute(page_query)]
+    next_cursor = None
+    if len(rows) > query.limit:
+        rows = rows[: query.limit]
+        last = rows[-1]
+        next_cursor = encode_cursor(scope, [last[sort_name], last["id"]])
+    return {"items": rows, "next_cursor": next_cursor}
+
+
+Condition = ColumnElement[bool] | TextClause
+
+
+def task_filters(query: TaskQuery, user_id: uuid.UUID, dialect: str) -> list[Condition]:
+    filters: list[Condition] = []
+    if query.status is not None:
+        filters.append(Task.status.in_({TaskStatus(s) for s in query.status.split(",")}))
+    if query.assignee_id == "me":
+        filters.append(Task.assignee_id == user_id)
+    elif query.assignee_id == "none":
+        filters.append(Task.assignee_id.is_(None))
+    elif query.assignee_id is not None:
+        filters.append(Task.assignee_id == uuid.UUID(query.assignee_id))
+    if query.due_before is not None:
+        filters.append(Task.due_date < query.due_before)
+    if query.due_after is not None:
+        filters.append(Task.due_date > query.due_after)
+    if query.q is not None:
+        filters.append(search(query.q, dialect))
+    return filters
+
+
+def search(words: str, dialect: str) -> Condition:
+    """Every word in the title or the description: PostgreSQL full text (GIN
+    indexed), or a case-insensitive substring match elsewhere."""
+    if dialect == "postgresql":
+        return text(f"{SEARCH_DOCUMENT} @@ plainto_tsquery('simple', :words)").bindparams(
+            words=words
+        )
+    return and_(
+        *(
+            or_(Task.title.icontains(word, autoescape=True),
+                Task.description.icontains(word, autoescape=True))
+            for word in words.split()
+        )
+    )  # fmt: skip
+
+
+def decode_task_position(sort_name: str, position: list[Any]) -> tuple[Any, uuid.UUID]:
+    try:
+        value, last_id = position
+        if sort_name == "title":
+            if not isinstance(value, str):
+                raise ValueError("title")
+        elif value is not None or sort_name != "due_date":
+            value = datetime.fromisoformat(value)
+        return value, uuid.UUID(last_id)
+    except (TypeError, ValueError):
+        raise invalid_cursor() from None
+
+
+def keyset_page(
+    base: AnySelect,
+    column: Any,
+    descending: bool,
+    position: tuple[Any, uuid.UUID] | None,
+    limit: int,
+) -> AnySelect:
+    """A page ordered by a NOT NULL column then id, starting after *position*."""
+    if position is not None:
+        key = tuple_(column, Task.id)
+        base = base.where(key < position if descending else key > position)
+    if descending:
+        return base.order_by(column.desc(), Task.id.desc()).limit(limit)
+    return base.order_by(column.asc(), Task.id.asc()).limit(limit)
+
+
+def due_date_page(
+    base: AnySelect, descending: bool, position: tuple[Any, uuid.UUID] | None, limit: int
+) -> AnySelect:
+    """A page by due date, tasks with none last, in one statement.
+
+    Dated and undated tasks are two index-ordered runs, each limited, joined
+    with UNION ALL: both stay keyset scans however far the page is.
+    """
+    dated = base.where(Task.due_date.is_not(None))
+    undated = base.where(Task.due_date.is_(None))
+    if position is not None:
+        due_date, last_id = position
+        if due_date is None:  # already among the undated tasks
+            return keyset_page(undated, Task.id, descending, None, limit).where(
+                Task.id < last_id if descending else Task.id > last_id
+            )
+        key = tuple_(Task.due_date, Task.id)
+        dated = dated.where(key < position if descending else key > position)
+    runs = union_all(
+        select(keyset_page(dated, Task.due_date, descending, None, limit).subquery()),
+        select(keyset_page(undated, Task.id, descending, None, limit).subquery()),
+    ).subquery()
+    order = (
+        (runs.c.due_date.desc(), runs.c.id.desc())
+        if descending
+        else (runs.c.due_date.asc(), runs.c.id.asc())
+    )
+    return select(runs).order_by(runs.c.due_date.is_(None), *order).limit(limit)

@@ -1,0 +1,49 @@
+"""Field types shared by the request models, and the page envelope."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Generic, TypeVar
+
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, StringConstraints
+
+
+def _no_nul(value: str) -> str:
+    # PostgreSQL text cannot hold NUL; refuse it up front rather than fail later.
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    return value
+
+
+def _to_utc(value: datetime) -> datetime:
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("is out of range") from None
+
+
+NoNul = AfterValidator(_no_nul)
+Trimmed = StringConstraints(strip_whitespace=True, min_length=1)
+
+# Names and titles are trimmed of surrounding white space, then must be non-empty.
+ProjectName = Annotated[str, Trimmed, StringConstraints(max_length=200), NoNul]
+TaskTitle = Annotated[str, Trimmed, StringConstraints(max_length=500), NoNul]
+Description = Annotated[str, StringConstraints(max_length=10_000), NoNul]
+Email = Annotated[str, StringConstraints(max_length=1024), NoNul]
+
+# An RFC 3339 timestamp with an offset (422 without one), normalised to UTC.
+Timestamp = Annotated[AwareDatetime, AfterValidator(_to_utc)]
+
+
+class RequestModel(BaseModel):
+    """A request body or query: unknown fields are refused, never ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+Item = TypeVar("Item")
+
+
+class Page(BaseModel, Generic[Item]):
+    items: list[Item]
+    next_cursor: str | None
