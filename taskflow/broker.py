@@ -18,6 +18,8 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from .jsonio import dumps
+
 EventDict = dict[str, Any]
 Listener = Callable[[EventDict], None]
 
@@ -90,7 +92,7 @@ class RedisBroker(Broker):
         # The event is already committed to the log; a Redis outage must not
         # fail the request that wrote it. Subscribers catch up from the log.
         try:
-            await self._redis.publish(CHANNEL, orjson.dumps(event, option=orjson.OPT_UTC_Z))
+            await self._redis.publish(CHANNEL, dumps(event))
         except (RedisError, OSError) as error:
             log.warning("event not published: %s", type(error).__name__)
 

@@ -8,7 +8,6 @@ returned a success, and rolls back otherwise. What must follow the commit
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +15,7 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 from quart import Quart, Response, current_app, g
-from sqlalchemy import Row, Select, event, exc
+from sqlalchemy import Row, Select, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -27,6 +26,7 @@ from sqlalchemy.ext.asyncio import (
 
 from .broker import Broker, InProcessBroker, RedisBroker
 from .config import Config
+from .jsonio import dumps
 
 EXTENSION_KEY = "taskflow.backends"
 
@@ -71,7 +71,7 @@ class Backends:
 
 
 def _json_dumps(value: Any) -> str:
-    return orjson.dumps(value, option=orjson.OPT_UTC_Z).decode()
+    return dumps(value).decode()
 
 
 def create_engine(config: Config) -> AsyncEngine:
@@ -166,17 +166,6 @@ async def close_request_session(_error: BaseException | None) -> None:
     db_session: AsyncSession | None = g.pop("db_session", None)
     if db_session is not None:
         await db_session.close()
-
-
-def is_unavailable(error: BaseException) -> bool:
-    """Whether an error means a backing service is down rather than a bug."""
-    if isinstance(error, exc.DBAPIError):
-        return error.connection_invalidated or isinstance(
-            error, exc.OperationalError | exc.InterfaceError
-        )
-    return isinstance(
-        error, OSError | asyncio.TimeoutError | exc.TimeoutError | aioredis.ConnectionError
-    )
 
 
 def init_app(app: Quart, config: Config) -> None:

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from http import HTTPStatus
 from typing import Any
 
 import orjson
+import redis.asyncio as aioredis
 from pydantic import ValidationError
 from quart import Quart, Response, g
 from quart_rate_limiter import RateLimitExceeded
 from quart_schema import RequestSchemaValidationError
+from sqlalchemy import exc
 from werkzeug.exceptions import HTTPException, InternalServerError
-
-from .db import is_unavailable
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,17 @@ DETAILS = {
     500: "An unexpected error occurred.",
     503: "A service the API depends on is unavailable; retry later.",
 }
+
+
+def is_unavailable(error: BaseException) -> bool:
+    """Whether an error means a backing service is down rather than a bug."""
+    if isinstance(error, exc.DBAPIError):
+        return error.connection_invalidated or isinstance(
+            error, exc.OperationalError | exc.InterfaceError
+        )
+    return isinstance(
+        error, OSError | asyncio.TimeoutError | exc.TimeoutError | aioredis.ConnectionError
+    )
 
 
 class APIError(Exception):

@@ -12,6 +12,7 @@ from sqlalchemy import insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from .db import AnyRow, after_commit, backends
+from .jsonio import dumps
 from .models import Event
 
 EVENT_COLUMNS = (
@@ -27,7 +28,7 @@ EVENT_COLUMNS = (
 
 def jsonable(value: Any) -> Any:
     """*value* as plain JSON types, exactly as a client will read it."""
-    return orjson.loads(orjson.dumps(value, option=orjson.OPT_UTC_Z))
+    return orjson.loads(dumps(value))
 
 
 def envelope(

@@ -19,6 +19,7 @@ from quart import current_app
 
 from .config import Config
 from .errors import APIError, validation_failed
+from .jsonio import dumps
 
 MAC_BYTES = 16
 
@@ -37,7 +38,7 @@ def _unb64(text: str) -> bytes:
 
 
 def encode_cursor(scope: str, position: list[Any]) -> str:
-    payload = orjson.dumps([scope, position], option=orjson.OPT_UTC_Z)
+    payload = dumps([scope, position])
     mac = hmac.new(_key(), payload, hashlib.sha256).digest()[:MAC_BYTES]
     return f"{_b64(payload)}.{_b64(mac)}"
 

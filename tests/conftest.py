@@ -23,7 +23,7 @@ import redis.asyncio as aioredis
 from alembic import command
 from quart import Blueprint, Quart
 from quart.typing import TestClientProtocol as Client
-from sqlalchemy import delete, text
+from sqlalchemy import delete, func, select, text
 from sqlalchemy.engine import make_url
 
 from taskflow import create_app
@@ -211,3 +211,48 @@ async def create_user(client: Client, email: str | None = None) -> TestUser:
     user = await response.get_json()
     tokens = await login(client, email)
     return TestUser(user["id"], email, PASSWORD, tokens["access_token"], tokens["refresh_token"])
+
+
+async def create_project(client: Client, owner: TestUser, name: str = "Project") -> dict[str, Any]:
+    response = await client.post("/projects", json={"name": name}, headers=owner.headers)
+    assert response.status_code == 201, await response.get_json()
+    project: dict[str, Any] = await response.get_json()
+    return project
+
+
+async def add_member(
+    client: Client, project: dict[str, Any], owner: TestUser, user: TestUser
+) -> None:
+    response = await client.post(
+        f"/projects/{project['id']}/members", json={"email": user.email}, headers=owner.headers
+    )
+    assert response.status_code == 201, await response.get_json()
+
+
+async def create_task(
+    client: Client, project: dict[str, Any], user: TestUser, **fields: Any
+) -> dict[str, Any]:
+    body = {"title": "A task", **fields}
+    response = await client.post(
+        f"/projects/{project['id']}/tasks", json=body, headers=user.headers
+    )
+    assert response.status_code == 201, await response.get_json()
+    task: dict[str, Any] = await response.get_json()
+    return task
+
+
+async def snapshot(app: Quart) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of every table, to show that a refused request changed nothing."""
+    async with app.app_context(), backends().engine.connect() as connection:
+        return {
+            table.name: sorted(
+                (tuple(map(repr, row)) for row in await connection.execute(table.select())),
+            )
+            for table in Base.metadata.sorted_tables
+        }
+
+
+async def count_rows(app: Quart, model: Any, *where: Any) -> int:
+    async with app.app_context(), backends().sessionmaker() as db_session:
+        query = select(func.count()).select_from(model).where(*where)
+        return (await db_session.execute(query)).scalar_one()

@@ -10,8 +10,8 @@ from quart import Blueprint, Response, send_from_directory
 from quart_schema import hide
 from sqlalchemy import text
 
-from ..db import backends, is_unavailable
-from ..errors import RETRY_AFTER_UNAVAILABLE_SECONDS, APIError
+from ..db import backends
+from ..errors import RETRY_AFTER_UNAVAILABLE_SECONDS, APIError, is_unavailable
 from ..openapi import documents, responds
 
 blueprint = Blueprint("ops", __name__)
