@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from quart import Quart
-from quart_schema import Info, QuartSchema
+from quart_schema import Info, QuartSchema, tag_blueprint
 
 from . import db, errors, limits, logs
 from .config import Config
@@ -50,6 +50,12 @@ def create_app(config: Config | None = None) -> Quart:
 
     from .blueprints import auth, ops, projects, tasks
 
-    for blueprint in (ops.blueprint, auth.blueprint, projects.blueprint, tasks.blueprint):
+    for blueprint, tag in (
+        (ops.blueprint, "operations"),
+        (auth.blueprint, "auth"),
+        (projects.blueprint, "projects"),
+        (tasks.blueprint, "tasks"),
+    ):
+        tag_blueprint(blueprint, [tag])
         app.register_blueprint(blueprint)
     return app

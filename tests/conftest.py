@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import socket
+import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import httpx
 import pytest
 import redis.asyncio as aioredis
 from alembic import command
@@ -36,6 +39,7 @@ TEST_DATABASE_URL = os.environ.get("TASKFLOW_TEST_DATABASE_URL", "").strip()
 TEST_REDIS_URL = os.environ.get("TASKFLOW_TEST_REDIS_URL", "").strip()
 ON_POSTGRES = bool(TEST_DATABASE_URL)
 TEST_SECRET = "test-secret-key-that-is-long-enough-for-hs256"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 postgres_only = pytest.mark.skipif(not ON_POSTGRES, reason="needs TASKFLOW_TEST_DATABASE_URL")
 redis_only = pytest.mark.skipif(not TEST_REDIS_URL, reason="needs TASKFLOW_TEST_REDIS_URL")
@@ -256,3 +260,44 @@ async def count_rows(app: Quart, model: Any, *where: Any) -> int:
     async with app.app_context(), backends().sessionmaker() as db_session:
         query = select(func.count()).select_from(model).where(*where)
         return (await db_session.execute(query)).scalar_one()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@asynccontextmanager
+async def live_server(environ: dict[str, str], workers: int = 1) -> AsyncIterator[str]:
+    """A real hypercorn serving ``wsgi:app`` the way the Procfile does; yields its URL."""
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "hypercorn", "wsgi:app", "--bind", f"127.0.0.1:{port}",
+        "--worker-class", "uvloop", "--workers", str(workers), "--graceful-timeout", "5",
+        env={**os.environ, **environ},
+        cwd=PROJECT_ROOT,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async with httpx.AsyncClient() as http:
+            for _ in range(200):
+                try:
+                    if (await http.get(f"{url}/healthz")).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    await asyncio.sleep(0.05)
+            else:
+                raise RuntimeError("the server did not start")
+        yield url
+    finally:
+        process.terminate()
+        await asyncio.wait_for(process.wait(), 15)
+
+
+def tampered(cursor: str) -> str:
+    """*cursor* with one character of its payload changed."""
+    return ("B" if cursor[0] == "A" else "A") + cursor[1:]

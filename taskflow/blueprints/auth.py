@@ -126,7 +126,7 @@ async def login(data: Credentials) -> dict[str, Any]:
     """Exchange email and password for an access and a refresh token.
 
     Unknown email, wrong password and over-long password are the same 401
-    ``invalid_credentials``, after the same work.
+    `invalid_credentials`, after the same work.
     """
     db_session = session()
     user = await find_user_by_email(db_session, data.email)

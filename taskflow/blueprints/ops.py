@@ -1,4 +1,4 @@
-"""Operations: liveness and readiness probes, and the assets of ``/docs``."""
+"""Operations: liveness and readiness probes, and the assets of `/docs`."""
 
 from __future__ import annotations
 
@@ -83,5 +83,5 @@ async def _probe_redis() -> str:
 @blueprint.get("/docs/assets/<path:filename>")
 @hide
 async def docs_asset(filename: str) -> Response:
-    """Swagger UI's files, served by the app so ``/docs`` works with no internet."""
+    """Swagger UI's files, served by the app so `/docs` works with no internet."""
     return await send_from_directory(swagger_ui_assets, filename)

@@ -150,7 +150,7 @@ class ProjectPatch(RequestModel):
 @validate_request(ProjectPatch)
 @responds(ProjectOut)
 async def patch_project(auth: Auth, project_id: uuid.UUID, data: ProjectPatch) -> dict[str, Any]:
-    """Change the fields sent (``null`` clears the description). Owner only."""
+    """Change the fields sent (`null` clears the description). Owner only."""
     return await update_project(
         session(), project_id, auth.user_id, data.model_dump(include=data.model_fields_set)
     )
@@ -242,9 +242,9 @@ class EventQuery(RequestModel):
 @validate_querystring(EventQuery)
 @responds(Page[EventOut])
 async def list_events(auth: Auth, project_id: uuid.UUID, query_args: EventQuery) -> dict[str, Any]:
-    """The project's events after ``since``, oldest first: the catch-up feed.
+    """The project's events after `since`, oldest first: the catch-up feed.
 
-    ``next_cursor`` is the ``since`` of the next page, or null on the last one.
+    `next_cursor` is the `since` of the next page, or null on the last one.
     """
     db_session = session()
     await project_role(db_session, project_id, auth.user_id)
@@ -275,7 +275,7 @@ def projects_of(user_id: uuid.UUID) -> AnySelect:
 
 
 def as_event_data(project: dict[str, Any]) -> dict[str, Any]:
-    """A project as events carry it: without ``role``, which is each reader's own."""
+    """A project as events carry it: without `role`, which is each reader's own."""
     return {key: value for key, value in project.items() if key != "role"}
 
 

@@ -125,7 +125,7 @@ async def create_task(
 @require_auth
 @responds(TaskOut)
 async def get_task(auth: Auth, task_id: uuid.UUID) -> tuple[dict[str, Any], int, dict[str, str]]:
-    """Get a task of a project the caller is a member of, with its ``ETag``."""
+    """Get a task of a project the caller is a member of, with its `ETag`."""
     row = (await session().execute(tasks_of(auth.user_id).where(Task.id == task_id))).first()
     if row is None:
         raise task_not_found()
@@ -150,7 +150,7 @@ async def replace_task(
 ) -> tuple[dict[str, Any], int, dict[str, str]]:
     """Replace a task's writable fields: an omitted one becomes null (status: pending).
 
-    With ``If-Match``, a stale ``ETag`` is a 412 and nothing changes.
+    With `If-Match`, a stale `ETag` is a 412 and nothing changes.
     """
     task, version = await update_task(session(), task_id, auth.user_id, data.model_dump())
     return task, 200, {"ETag": etag(version)}
@@ -174,7 +174,7 @@ class TaskPatch(RequestModel):
 async def patch_task(
     auth: Auth, task_id: uuid.UUID, data: TaskPatch
 ) -> tuple[dict[str, Any], int, dict[str, str]]:
-    """Change only the fields sent; ``null`` clears. ``If-Match`` as for PUT."""
+    """Change only the fields sent; `null` clears. `If-Match` as for PUT."""
     values = data.model_dump(include=data.model_fields_set)
     task, version = await update_task(session(), task_id, auth.user_id, values)
     return task, 200, {"ETag": etag(version)}
@@ -185,7 +185,7 @@ async def patch_task(
 @documents(412)
 @responds(None, 204)
 async def delete_task(auth: Auth, task_id: uuid.UUID) -> tuple[str, int]:
-    """Delete a task (honouring ``If-Match``)."""
+    """Delete a task (honouring `If-Match`)."""
     await remove_task(session(), task_id, auth.user_id)
     return "", 204
 
@@ -231,7 +231,7 @@ def tasks_of(user_id: uuid.UUID) -> AnySelect:
 
 async def locked_task(db_session: AsyncSession, task_id: uuid.UUID, user_id: uuid.UUID) -> AnyRow:
     """The task about to be written, its project's row locked (events commit in
-    order), after checking ``If-Match`` against it."""
+    order), after checking `If-Match` against it."""
     row = (
         await db_session.execute(
             tasks_of(user_id)

@@ -1,0 +1,142 @@
+"""The authorization matrix: every route of ``app.url_map`` by owner, member,
+stranger and anonymous. A route without a row fails the test, and every
+refused request is shown to change nothing."""
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from quart import Quart
+from quart.typing import TestClientProtocol as Client
+
+from .conftest import (
+    PASSWORD,
+    TestUser,
+    add_member,
+    create_project,
+    create_task,
+    create_user,
+    snapshot,
+)
+
+ROLES = ("owner", "member", "stranger", "anonymous")
+
+
+@dataclass
+class World:
+    owner: TestUser
+    member: TestUser
+    other_member: TestUser
+    stranger: TestUser
+    newcomer: TestUser
+    project: dict[str, Any]
+    task: dict[str, Any]
+
+    def caller(self, role: str) -> TestUser | None:
+        return None if role == "anonymous" else getattr(self, role)
+
+
+async def build_world(client: Client) -> World:
+    owner, member, other_member, stranger, newcomer = [await create_user(client) for _ in range(5)]
+    project = await create_project(client, owner)
+    await add_member(client, project, owner, member)
+    await add_member(client, project, owner, other_member)
+    task = await create_task(client, project, member)
+    return World(owner, member, other_member, stranger, newcomer, project, task)
+
+
+def body_for(endpoint: str, world: World) -> Any:
+    return {
+        "auth.register": {"email": f"fresh-{uuid.uuid4().hex}@example.com", "password": PASSWORD},
+        "auth.login": {"email": world.owner.email, "password": PASSWORD},
+        "auth.refresh": {"refresh_token": world.owner.refresh_token},
+        "projects.create_project": {"name": "New"},
+        "projects.replace_project": {"name": "Renamed"},
+        "projects.patch_project": {"description": "Changed"},
+        "projects.add_member": {"email": world.newcomer.email},
+        "tasks.create_task": {"title": "New task"},
+        "tasks.replace_task": {"title": "Replaced"},
+        "tasks.patch_task": {"status": "completed"},
+    }.get(endpoint)
+
+
+def url_for(rule: str, world: World) -> str:
+    return (
+        rule.replace("<uuid:project_id>", world.project["id"])
+        .replace("<uuid:task_id>", world.task["id"])
+        .replace("<uuid:user_id>", world.other_member.id)
+        .replace("<path:filename>", "swagger-ui.css")
+    )
+
+
+EVERYONE = dict.fromkeys(ROLES, 200)
+SIGNED_IN = {"owner": 200, "member": 200, "stranger": 200, "anonymous": 401}
+MEMBERS = {"owner": 200, "member": 200, "stranger": 404, "anonymous": 401}
+OWNER_ONLY = {"owner": 200, "member": 403, "stranger": 404, "anonymous": 401}
+
+
+def with_success(statuses: dict[str, int], success: int) -> dict[str, int]:
+    return {role: success if status == 200 else status for role, status in statuses.items()}
+
+
+# (endpoint, method) → the status each caller gets.
+MATRIX: dict[tuple[str, str], dict[str, int]] = {
+    ("ops.healthz", "GET"): EVERYONE,
+    ("ops.readyz", "GET"): EVERYONE,
+    ("ops.docs_asset", "GET"): EVERYONE,
+    ("openapi", "GET"): EVERYONE,
+    ("swagger_ui", "GET"): EVERYONE,
+    ("auth.register", "POST"): dict.fromkeys(ROLES, 201),
+    ("auth.login", "POST"): EVERYONE,
+    ("auth.refresh", "POST"): EVERYONE,
+    ("auth.logout", "POST"): with_success(SIGNED_IN, 204),
+    ("auth.me", "GET"): SIGNED_IN,
+    ("projects.list_projects", "GET"): SIGNED_IN,
+    ("projects.create_project", "POST"): with_success(SIGNED_IN, 201),
+    ("projects.get_project", "GET"): MEMBERS,
+    ("projects.replace_project", "PUT"): OWNER_ONLY,
+    ("projects.patch_project", "PATCH"): OWNER_ONLY,
+    ("projects.delete_project", "DELETE"): with_success(OWNER_ONLY, 204),
+    ("projects.list_members", "GET"): MEMBERS,
+    ("projects.add_member", "POST"): with_success(OWNER_ONLY, 201),
+    ("projects.remove_member", "DELETE"): with_success(OWNER_ONLY, 204),
+    ("projects.list_events", "GET"): MEMBERS,
+    ("tasks.list_tasks", "GET"): MEMBERS,
+    ("tasks.create_task", "POST"): with_success(MEMBERS, 201),
+    ("tasks.get_task", "GET"): MEMBERS,
+    ("tasks.replace_task", "PUT"): MEMBERS,
+    ("tasks.patch_task", "PATCH"): MEMBERS,
+    ("tasks.delete_task", "DELETE"): with_success(MEMBERS, 204),
+}
+
+
+def served_routes(app: Quart) -> dict[tuple[str, str], str]:
+    routes = {}
+    for rule in app.url_map.iter_rules():
+        if rule.websocket:
+            continue
+        for method in (rule.methods or set()) - {"HEAD", "OPTIONS"}:
+            routes[(rule.endpoint, method)] = rule.rule
+    return routes
+
+
+async def test_every_route_has_a_row(app: Quart) -> None:
+    assert set(served_routes(app)) == set(MATRIX)
+
+
+async def test_authorization_matrix(app: Quart, client: Client) -> None:
+    for (endpoint, method), rule in sorted(served_routes(app).items()):
+        for role, expected in MATRIX[(endpoint, method)].items():
+            world = await build_world(client)  # fresh, so every attempt starts alike
+            caller = world.caller(role)
+            headers = caller.headers if caller else {}
+            before = await snapshot(app)
+            response = await client.open(
+                url_for(rule, world),
+                method=method,
+                json=body_for(endpoint, world),
+                headers=headers,
+            )
+            assert response.status_code == expected, (endpoint, method, role)
+            if expected >= 400:
+                assert await snapshot(app) == before, (endpoint, method, role)
