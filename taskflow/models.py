@@ -141,6 +141,9 @@ class ProjectMember(Base):
     added_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+SEARCH_DOCUMENT = "to_tsvector('simple', title || ' ' || coalesce(description, ''))"
+
+
 class Task(Base):
     __tablename__ = "tasks"
     __table_args__ = (
@@ -150,6 +153,11 @@ class Task(Base):
         Index(None, "project_id", "due_date", "id"),
         Index(None, "project_id", "title", "id"),
         Index(None, "assignee_id", "project_id"),
+        # Full-text search, on PostgreSQL only (the embedded default searches by
+        # substring): the very expression the task list's `q` filter uses.
+        Index("ix_tasks_search", text(SEARCH_DOCUMENT), postgresql_using="gin").ddl_if(
+            dialect="postgresql"
+        ),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)

@@ -15,9 +15,10 @@ down_revision: str | None = "0001"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-# Exactly the expression the task list searches with (taskflow.blueprints.tasks
-# SEARCH_DOCUMENT), or PostgreSQL will not use the index. SQLite has no such
-# index: the embedded default searches by substring.
+# Exactly the expression the task list searches with (taskflow.models
+# SEARCH_DOCUMENT, copied so that this migration never changes), or PostgreSQL
+# will not use the index. SQLite has no such index: the embedded default
+# searches by substring.
 SEARCH_DOCUMENT = "to_tsvector('simple', title || ' ' || coalesce(description, ''))"
 
 

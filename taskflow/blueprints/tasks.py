@@ -32,7 +32,7 @@ from sqlalchemy.sql.expression import TextClause
 from ..db import AnyRow, AnySelect, session
 from ..errors import APIError, validation_failed
 from ..events import record_event
-from ..models import Project, ProjectMember, Task, TaskStatus
+from ..models import SEARCH_DOCUMENT, Project, ProjectMember, Task, TaskStatus
 from ..openapi import documents, responds
 from ..pagination import decode_cursor, encode_cursor, invalid_cursor
 from ..schemas import Description, Page, RequestModel, TaskTitle, Timestamp
@@ -205,8 +205,6 @@ TASK_FIELDS = (
 )
 TASK_FIELD_NAMES = tuple(column.key for column in TASK_FIELDS)
 WRITABLE_FIELDS = ("title", "description", "status", "assignee_id", "due_date")
-# PostgreSQL's full-text document of a task; migration 0002 indexes exactly this.
-SEARCH_DOCUMENT = "to_tsvector('simple', title || ' ' || coalesce(description, ''))"
 
 
 def task_not_found() -> APIError:
