@@ -5,7 +5,7 @@ from __future__ import annotations
 from quart import Quart
 from quart_schema import Info, QuartSchema, tag_blueprint
 
-from . import db, errors, limits, logs
+from . import db, errors, limits, logs, ws
 from .config import Config
 from .jsonio import JSONRequest, ORJSONProvider
 from .openapi import BEARER, TaskFlowOpenAPIProvider
@@ -58,4 +58,5 @@ def create_app(config: Config | None = None) -> Quart:
     ):
         tag_blueprint(blueprint, [tag])
         app.register_blueprint(blueprint)
+    ws.init_app(app)
     return app

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
+import signal
 from pathlib import Path
 
 from alembic import command
@@ -26,13 +28,27 @@ def serve(host: str, port: int) -> None:
     from hypercorn.config import Config as HypercornConfig
 
     from . import create_app
+    from .ws import restart_sockets
 
     app = create_app()
     config = HypercornConfig()
     config.bind = [f"{host}:{port}"]
     config.graceful_timeout = 20
+
+    async def run() -> None:
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signal_number in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signal_number, stopping.set)
+
+        async def shutdown_trigger() -> None:
+            await stopping.wait()
+            await restart_sockets(app)
+
+        await hypercorn_serve(app, config, shutdown_trigger=shutdown_trigger)
+
     print(f"TaskFlow listening on http://{host}:{port} (API docs at /docs)", flush=True)
-    uvloop.run(hypercorn_serve(app, config))
+    uvloop.run(run())
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -33,6 +33,11 @@ class Config:
     # Login and registration, per address and per email.
     auth_rate_limit_per_minute: int = 10
     rate_limit_enabled: bool = True
+    # WebSocket: new connections per user, and messages per connection.
+    ws_connections_per_minute: int = 60
+    ws_messages_per_second: int = 20
+    # Frames waiting for one slow client before it is dropped.
+    ws_send_queue: int = 1024
     database_pool_size: int = 10
 
     @property
@@ -78,6 +83,11 @@ class Config:
                 env, "TASKFLOW_AUTH_RATE_LIMIT_PER_MINUTE", 10, minimum=1
             ),
             rate_limit_enabled=_bool(env, "TASKFLOW_RATE_LIMIT_ENABLED", True),
+            ws_connections_per_minute=_int(
+                env, "TASKFLOW_WS_CONNECTIONS_PER_MINUTE", 60, minimum=1
+            ),
+            ws_messages_per_second=_int(env, "TASKFLOW_WS_MESSAGES_PER_SECOND", 20, minimum=1),
+            ws_send_queue=_int(env, "TASKFLOW_WS_SEND_QUEUE", 1024, minimum=1),
             database_pool_size=_int(env, "TASKFLOW_DATABASE_POOL_SIZE", 10, minimum=1),
         )
 

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import insert, select
+from sqlalchemy import func, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from .db import AnyRow, after_commit, backends
@@ -69,7 +69,14 @@ async def record_event(
     data: dict[str, Any],
     changes: dict[str, Any] | None = None,
 ) -> None:
-    """Append *event* to the log; publish it after the transaction commits."""
+    """Append *event* to the log; publish it after the transaction commits.
+
+    The caller holds the project's lock, so the project's latest event is the
+    one before this; it travels along as ``prev_id``, which lets every listener
+    tell a gap (a message still on its way, or lost while Redis was away) from
+    the next event in line.
+    """
+    prev_id = await latest_event_id(db_session, project_id)
     occurred_at = datetime.now(UTC)
     data = jsonable(data)
     changes = jsonable(changes) if changes is not None else None
@@ -88,7 +95,19 @@ async def record_event(
         )
     ).scalar_one()
     message = envelope(event_id, event, project_id, actor_id, occurred_at, data, changes)
-    after_commit(db_session, backends().broker.publish, message)
+    after_commit(
+        db_session,
+        backends().broker.publish,
+        {"project_id": str(project_id), "prev_id": prev_id, "event": message},
+    )
+
+
+async def latest_event_id(db_session: AsyncSession, project_id: uuid.UUID) -> int:
+    """The id of the project's latest event, 0 when it has none."""
+    latest = await db_session.execute(
+        select(func.max(Event.id)).where(Event.project_id == project_id)
+    )
+    return latest.scalar_one() or 0
 
 
 async def events_after(

@@ -1,15 +1,166 @@
-"""Rate limits: who a request is, for the purpose of counting it."""
+"""Rate limits: who a request is, and an atomic GCRA shared by every instance.
+
+quart-rate-limiter keeps its decorators, its 429 and its headers, but its
+stores read and then write, so concurrent requests slip past a limit. Here
+each limit is one atomic step: a Lua script in Redis (keys expire once the
+bucket is full again), or a dict in process memory for the embedded default.
+When Redis does not answer, limits fall back to process memory (logged once)
+and return to Redis by themselves when it does.
+"""
 
 from __future__ import annotations
 
+import logging
+import math
+import time
+from dataclasses import dataclass
 from datetime import timedelta
 
-from quart import Quart, current_app, request
-from quart_rate_limiter import KeyCallable, RateLimit, RateLimiter
+from quart import Quart, Response, current_app, g, request
+from quart_rate_limiter import KeyCallable, RateLimit, RateLimiter, RateLimitExceeded
+from redis.commands.core import AsyncScript
+from redis.exceptions import RedisError
 
 from .config import Config
+from .db import backends
 from .errors import APIError
 from .security import bearer_claims
+
+log = logging.getLogger(__name__)
+
+REDIS_RETRY_SECONDS = 1.0
+
+# KEYS[1]: the bucket. ARGV: emission interval and burst tolerance, in µs.
+# Returns {allowed, µs until a request would be allowed, µs until the bucket is full}.
+GCRA_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local tolerance = tonumber(ARGV[2])
+local tat = math.max(tonumber(redis.call('GET', KEYS[1]) or now), now)
+if tat - tolerance > now then
+  return {0, tat - tolerance - now, tat - now}
+end
+tat = tat + interval
+redis.call('SET', KEYS[1], tat, 'PX', math.ceil((tat - now) / 1000))
+return {1, 0, tat - now}
+"""
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One limit's verdict on one request."""
+
+    allowed: bool
+    limit: int
+    remaining: int
+    retry_after: float  # seconds until a request would be allowed
+    reset: float  # seconds until the bucket is full again
+
+    @classmethod
+    def of(cls, limit: RateLimit, allowed: bool, wait_us: float, full_us: float) -> Decision:
+        interval_us = limit.inverse * 1_000_000
+        period_us = limit.period.total_seconds() * 1_000_000
+        remaining = max(0, math.floor((period_us - full_us) / interval_us))
+        return cls(allowed, limit.count, remaining, wait_us / 1e6, full_us / 1e6)
+
+
+class MemoryBuckets:
+    """GCRA in process memory: atomic within the process's event loop."""
+
+    def __init__(self) -> None:
+        self._tats: dict[str, float] = {}
+
+    def acquire(self, key: str, limit: RateLimit) -> Decision:
+        now = time.monotonic() * 1_000_000
+        interval = limit.inverse * 1_000_000
+        tolerance = limit.period.total_seconds() * 1_000_000 - interval
+        tat = max(self._tats.get(key, now), now)
+        if tat - tolerance > now:
+            return Decision.of(limit, False, tat - tolerance - now, tat - now)
+        self._tats[key] = tat + interval
+        if len(self._tats) > 100_000:  # drop buckets that are full again
+            self._tats = {k: v for k, v in self._tats.items() if v > now}
+        return Decision.of(limit, True, 0, tat + interval - now)
+
+
+class Buckets:
+    """The app's rate-limit buckets: in Redis when configured, else in memory."""
+
+    def __init__(self) -> None:
+        self.memory = MemoryBuckets()
+        self._redis_down_until = 0.0
+        self._script: AsyncScript | None = None
+
+    async def acquire(self, key: str, limit: RateLimit) -> Decision:
+        redis = backends().redis
+        if redis is not None and time.monotonic() >= self._redis_down_until:
+            interval = limit.inverse * 1_000_000
+            tolerance = limit.period.total_seconds() * 1_000_000 - interval
+            if self._script is None or self._script.registered_client is not redis:
+                self._script = redis.register_script(GCRA_SCRIPT)
+            try:
+                allowed, wait_us, full_us = await self._script(
+                    keys=[f"taskflow:limit:{key}"], args=[int(interval), int(tolerance)]
+                )
+            except (RedisError, OSError) as error:
+                if self._redis_down_until == 0.0:
+                    log.warning("rate limits fall back to process memory: %s", error)
+                self._redis_down_until = time.monotonic() + REDIS_RETRY_SECONDS
+            else:
+                if self._redis_down_until:
+                    log.warning("rate limits are shared through Redis again")
+                    self._redis_down_until = 0.0
+                return Decision.of(limit, bool(allowed), wait_us, full_us)
+        return self.memory.acquire(key, limit)
+
+
+class SharedRateLimiter(RateLimiter):
+    """quart-rate-limiter with each limit taken in one atomic step.
+
+    Every request is counted, those to unknown routes included; the response
+    carries the ``RateLimit-*`` headers of the tightest of its limits.
+    """
+
+    def __init__(self, app: Quart, config: Config) -> None:
+        self.buckets = Buckets()
+        super().__init__(
+            app,
+            key_function=caller_key,
+            default_limits=[RateLimit(config.rate_limit_per_minute, timedelta(minutes=1))],
+            enabled=config.rate_limit_enabled,
+        )
+
+    async def _before_request(self) -> None:
+        if not current_app.config["QUART_RATE_LIMITER_ENABLED"]:
+            return
+        endpoint = request.endpoint or "unmatched"
+        view = current_app.view_functions.get(request.endpoint)  # type: ignore[arg-type]
+        blueprint = current_app.blueprints.get(request.blueprint)  # type: ignore[arg-type]
+        limits = self._get_limits_for_view_function(view, blueprint)  # type: ignore[arg-type]
+        decisions = [
+            await self.buckets.acquire(await self._create_key(endpoint, limit), limit)
+            for limit in limits
+            if not await self._should_skip(limit)
+        ]
+        if decisions:
+            g.rate_limit = min(decisions, key=lambda decision: decision.remaining)
+        refused = [decision for decision in decisions if not decision.allowed]
+        if refused:
+            raise RateLimitExceeded(math.ceil(max(d.retry_after for d in refused)))
+
+    async def _after_request(self, response: Response) -> Response:
+        decision: Decision | None = g.get("rate_limit")
+        if decision is not None:
+            response.headers["RateLimit-Limit"] = str(decision.limit)
+            response.headers["RateLimit-Remaining"] = str(decision.remaining)
+            response.headers["RateLimit-Reset"] = str(math.ceil(decision.reset))
+        return response
+
+
+def rate_limiter() -> SharedRateLimiter:
+    limiter: SharedRateLimiter = current_app.extensions["taskflow.rate_limiter"]
+    return limiter
 
 
 def client_address() -> str:
@@ -60,7 +211,7 @@ class PerMinuteFromConfig(RateLimit):
     """A per-minute limit whose count is a setting of the running app's Config,
     so that route decorators, written at import, follow the configuration."""
 
-    def __init__(self, setting: str, key_function: KeyCallable) -> None:
+    def __init__(self, setting: str, key_function: KeyCallable | None = None) -> None:
         self.setting = setting
         self.period = timedelta(minutes=1)
         self.key_function = key_function
@@ -80,9 +231,4 @@ AUTH_LIMITS: list[RateLimit] = [
 
 
 def init_app(app: Quart, config: Config) -> None:
-    RateLimiter(
-        app,
-        key_function=caller_key,
-        default_limits=[RateLimit(config.rate_limit_per_minute, timedelta(minutes=1))],
-        enabled=config.rate_limit_enabled,
-    )
+    app.extensions["taskflow.rate_limiter"] = SharedRateLimiter(app, config)

@@ -27,6 +27,7 @@ import jwt
 from quart import current_app, g, request
 from redis.exceptions import RedisError
 from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from .config import Config
 from .db import backends, session
@@ -189,7 +190,7 @@ def _session_key(session_id: uuid.UUID) -> str:
     return f"taskflow:session:{session_id}"
 
 
-async def session_is_active(session_id: uuid.UUID) -> bool:
+async def session_is_active(db_session: AsyncSession, session_id: uuid.UUID) -> bool:
     redis = backends().redis
     if redis is not None:
         try:
@@ -201,7 +202,7 @@ async def session_is_active(session_id: uuid.UUID) -> bool:
             redis = None
     now = datetime.now(UTC)
     active = (
-        await session().execute(
+        await db_session.execute(
             select(AuthSession.id).where(
                 AuthSession.id == session_id,
                 AuthSession.revoked_at.is_(None),
@@ -263,7 +264,7 @@ def require_auth(view: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R
         claims = bearer_claims()
         if claims is None:
             raise APIError(401, "unauthorized", "Authentication is required.")
-        if not await session_is_active(claims.session_id):
+        if not await session_is_active(session(), claims.session_id):
             raise APIError(401, "session_revoked", "The session has been revoked.")
         return await view(*args, auth=Auth(claims.user_id, claims.session_id), **kwargs)
 

@@ -21,7 +21,7 @@ async def test_two_users_work_on_a_project(app: Quart, client: Client) -> None:
     published: list[dict[str, Any]] = []
     async with app.app_context():
         broker = backends().broker
-    broker.add_listener(pid, published.append)
+    broker.add_listener(pid, lambda message: published.append(message["event"]))
     if isinstance(broker, RedisBroker):
         await asyncio.wait_for(broker.subscribed.wait(), 5)
 
