@@ -9,6 +9,7 @@ import signal
 import socket
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
@@ -18,7 +19,15 @@ from websockets.asyncio.client import ClientConnection
 
 from taskflow.config import Config
 
-from .conftest import PASSWORD, PROJECT_ROOT, TEST_REDIS_URL, free_port, live_server, running
+from .conftest import (
+    ON_POSTGRES,
+    PASSWORD,
+    PROJECT_ROOT,
+    TEST_REDIS_URL,
+    free_port,
+    live_server,
+    running,
+)
 
 Json = dict[str, Any]
 
@@ -455,3 +464,60 @@ async def test_a_write_through_one_instance_reaches_a_subscriber_on_another(
                 task = await owner.task(project, "across")
                 (event,) = await events_until(ws, 1)
                 assert event["data"] == task
+
+
+@asynccontextmanager
+async def private_redis(port: int) -> AsyncIterator[asyncio.subprocess.Process]:
+    """A Redis of this test's own, to stop and start at will."""
+    process = await asyncio.create_subprocess_exec(
+        "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+        "--appendonly", "no",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        yield process
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+@pytest.mark.skipif(not ON_POSTGRES, reason="two instances need PostgreSQL")
+async def test_redis_restarting_mid_stream_loses_no_event(
+    config: Config, environ: dict[str, str]
+) -> None:
+    redis_port = free_port()
+    shared = {**environ, "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0"}
+    async with private_redis(redis_port) as redis_server, running(config):
+        async with live_server(shared) as a, live_server(shared) as b:
+            async with httpx.AsyncClient(base_url=a, timeout=30) as http:
+                owner = await Api.register(http)
+                project = await owner.project()
+                task = await owner.task(project)
+                statuses: list[int] = []
+
+                async def write(count: int) -> None:
+                    for n in range(count):
+                        response = await http.patch(
+                            f"/tasks/{task['id']}", json={"title": f"v{n}"}, headers=owner.headers
+                        )
+                        statuses.append(response.status_code)
+                        await asyncio.sleep(0.02)
+
+                async with await ready(b, owner) as ws:
+                    await subscribe(ws, project)
+                    writer = asyncio.create_task(write(150))
+                    await asyncio.sleep(0.8)
+                    redis_server.kill()  # Redis dies mid-stream...
+                    await redis_server.wait()
+                    await asyncio.sleep(1.5)
+                    async with private_redis(redis_port):  # ...and comes back
+                        await writer
+                        received = await events_until(ws, 150, timeout=15)
+                        feed = await owner.call(
+                            "GET", f"/projects/{project['id']}/events?limit=1000"
+                        )
+    assert statuses == [200] * 150  # REST kept answering through the outage
+    updates = [event for event in feed["items"] if event["event"] == "task.updated"]
+    assert [event["id"] for event in received] == [event["id"] for event in updates]
+    assert received == updates
