@@ -1,14 +1,32 @@
 """Rate limits: keys, the login and registration limits, and the 429 shape."""
 
+import asyncio
+import contextlib
+import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
+from typing import Any
 
+import httpx
 import pytest
+import redis.asyncio as aioredis
 from quart import Quart
 from quart.typing import TestClientProtocol as Client
 
 from taskflow.config import Config
 
-from .conftest import PASSWORD, create_user, problem_of, running
+from .conftest import (
+    ON_POSTGRES,
+    PASSWORD,
+    TEST_REDIS_URL,
+    create_user,
+    free_port,
+    live_server,
+    problem_of,
+    redis_only,
+    running,
+)
+from .test_ws import private_redis
 
 AUTH_LIMIT = 3
 
@@ -80,3 +98,85 @@ async def test_429_is_a_problem_with_retry_after_and_ratelimit_headers(
     assert response.headers["RateLimit-Limit"] == str(AUTH_LIMIT)
     assert response.headers["RateLimit-Remaining"] == "0"
     assert int(response.headers["RateLimit-Reset"]) >= 1
+
+
+async def burst(urls: list[str], path: str, total: int, **request: Any) -> list[int]:
+    """*total* requests at once, spread over the instances at *urls*."""
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=total)) as http:
+        responses = await asyncio.gather(
+            *(http.get(f"{urls[n % len(urls)]}{path}", **request) for n in range(total))
+        )
+    return [response.status_code for response in responses]
+
+
+async def test_concurrent_requests_on_every_instance_share_one_limit(
+    config: Config, environ: dict[str, str]
+) -> None:
+    limited = {**environ, "TASKFLOW_RATE_LIMIT_PER_MINUTE": "10"}
+    instances = 2 if ON_POSTGRES and TEST_REDIS_URL else 1  # SQLite: one process
+    async with running(config), contextlib.AsyncExitStack() as stack:
+        urls = [await stack.enter_async_context(live_server(limited)) for _ in range(instances)]
+        # Unknown routes are limited too, and cost the server nothing else.
+        statuses = await burst(urls, "/nowhere", 100 * instances)
+    assert Counter(statuses) == {404: 10, 429: 100 * instances - 10}
+
+
+async def test_forged_forwarded_for_values_fill_one_bucket(limited_app: Quart) -> None:
+    client = limited_app.test_client()
+    statuses = []
+    for n in range(1000):
+        response = await client.post(
+            "/auth/login",
+            json={"email": f"spray{n}@example.com", "password": "guess-guess"},
+            headers=from_address("192.0.2.99", forged=f"10.{n // 250}.{n % 250}.1"),
+        )
+        statuses.append(response.status_code)
+    assert statuses.count(401) == AUTH_LIMIT
+    assert statuses.count(429) == 1000 - AUTH_LIMIT
+
+
+@redis_only
+async def test_limit_keys_expire_once_the_bucket_is_full_again(limited_app: Quart) -> None:
+    client = limited_app.test_client()
+    await client.post("/auth/login", json={"email": "ttl@example.com", "password": "x"})
+    redis = aioredis.from_url(TEST_REDIS_URL)
+    keys = [key async for key in redis.scan_iter("taskflow:limit:*")]
+    ttls = [await redis.pttl(key) for key in keys]
+    await redis.aclose()
+    # One request of a 3-a-minute limit: full again, and gone, within 20 s.
+    assert len(keys) >= 2  # per address and per email
+    assert all(0 < ttl <= 20_000 for ttl in ttls), ttls
+
+
+@pytest.mark.skipif(not (ON_POSTGRES and TEST_REDIS_URL), reason="two instances and Redis")
+async def test_redis_outage_is_no_outage_and_limits_come_back_shared(
+    config: Config, environ: dict[str, str]
+) -> None:
+    redis_port = free_port()
+    shared = {
+        **environ,
+        "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+        "TASKFLOW_RATE_LIMIT_PER_MINUTE": "20",
+    }
+    async with private_redis(redis_port) as redis_server, running(config):
+        async with live_server(shared) as a, live_server(shared) as b:
+            async with httpx.AsyncClient(base_url=a) as http:
+                user = await create_user_over(http)
+            redis_server.kill()
+            await redis_server.wait()
+            during = await burst([a, b], "/auth/me", 60, headers=user)
+            async with private_redis(redis_port):
+                await asyncio.sleep(1.5)  # past the back-off: limits go back to Redis
+                after = await burst([a, b], "/nowhere", 60)
+    assert 500 not in during and set(during) <= {200, 429}
+    # Each instance limited on its own meanwhile: at most its share of the limit.
+    assert 20 <= during.count(200) <= 40
+    # Then shared again: one limit for both.
+    assert Counter(after) == {404: 20, 429: 40}
+
+
+async def create_user_over(http: httpx.AsyncClient) -> dict[str, str]:
+    email = f"limits-{uuid.uuid4().hex[:8]}@example.com"
+    await http.post("/auth/register", json={"email": email, "password": PASSWORD})
+    tokens = (await http.post("/auth/login", json={"email": email, "password": PASSWORD})).json()
+    return {"Authorization": f"Bearer {tokens['access_token']}"}
