@@ -111,6 +111,8 @@ class TaskFlowOpenAPIProvider(OpenAPIProvider):
                         },
                     }
                 operation = operations[method] = {**operation, "responses": responses}
+                if "requestBody" in operation:
+                    operation["requestBody"] = {**operation["requestBody"], "required": True}
                 if getattr(view, REQUIRES_AUTH_ATTRIBUTE, False):
                     operation["security"] = [{BEARER: []}]
         return paths, components

@@ -2,16 +2,34 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from typing import Annotated, Generic, TypeVar
 
-from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, StringConstraints
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    StringConstraints,
+)
 
 
 def _no_nul(value: str) -> str:
     # PostgreSQL text cannot hold NUL; refuse it up front rather than fail later.
     if "\x00" in value:
         raise ValueError("must not contain NUL characters")
+    return value
+
+
+RFC3339 = re.compile(r"\d{4}-\d\d-\d\d[Tt]\d\d:\d\d:\d\d(\.\d+)?([Zz]|[+-]\d\d:\d\d)")
+
+
+def _rfc3339(value: object) -> object:
+    # Pydantic would also take a number as a Unix time, and a bare date.
+    if not isinstance(value, str) or not RFC3339.fullmatch(value):
+        raise ValueError("must be an RFC 3339 timestamp with an offset")
     return value
 
 
@@ -32,7 +50,7 @@ Description = Annotated[str, StringConstraints(max_length=10_000), NoNul]
 Email = Annotated[str, StringConstraints(max_length=1024), NoNul]
 
 # An RFC 3339 timestamp with an offset (422 without one), normalised to UTC.
-Timestamp = Annotated[AwareDatetime, AfterValidator(_to_utc)]
+Timestamp = Annotated[AwareDatetime, BeforeValidator(_rfc3339), AfterValidator(_to_utc)]
 
 
 class RequestModel(BaseModel):
