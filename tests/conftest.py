@@ -303,3 +303,26 @@ async def live_server(environ: dict[str, str], workers: int = 1) -> AsyncIterato
 def tampered(cursor: str) -> str:
     """*cursor* with one character of its payload changed."""
     return ("B" if cursor[0] == "A" else "A") + cursor[1:]
+
+
+@pytest.fixture
+async def owner(client: Client) -> TestUser:
+    return await create_user(client)
+
+
+@pytest.fixture
+async def member(client: Client) -> TestUser:
+    return await create_user(client)
+
+
+@pytest.fixture
+async def stranger(client: Client) -> TestUser:
+    return await create_user(client)
+
+
+@pytest.fixture
+async def project(client: Client, owner: TestUser, member: TestUser) -> dict[str, Any]:
+    """A project of *owner*, with *member* added."""
+    project = await create_project(client, owner, "Launch")
+    await add_member(client, project, owner, member)
+    return project

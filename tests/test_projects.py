@@ -23,28 +23,6 @@ from .conftest import (
 )
 
 
-@pytest.fixture
-async def owner(client: Client) -> TestUser:
-    return await create_user(client)
-
-
-@pytest.fixture
-async def member(client: Client) -> TestUser:
-    return await create_user(client)
-
-
-@pytest.fixture
-async def stranger(client: Client) -> TestUser:
-    return await create_user(client)
-
-
-@pytest.fixture
-async def project(client: Client, owner: TestUser, member: TestUser) -> dict[str, Any]:
-    project = await create_project(client, owner, "Launch")
-    await add_member(client, project, owner, member)
-    return project
-
-
 async def test_create_get_and_list(client: Client, owner: TestUser) -> None:
     response = await client.post(
         "/projects", json={"name": "  Roadmap  ", "description": "Q3"}, headers=owner.headers

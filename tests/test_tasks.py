@@ -15,36 +15,12 @@ from taskflow.db import backends
 
 from .conftest import (
     TestUser,
-    add_member,
     create_project,
     create_task,
-    create_user,
     problem_of,
     snapshot,
     tampered,
 )
-
-
-@pytest.fixture
-async def owner(client: Client) -> TestUser:
-    return await create_user(client)
-
-
-@pytest.fixture
-async def member(client: Client) -> TestUser:
-    return await create_user(client)
-
-
-@pytest.fixture
-async def stranger(client: Client) -> TestUser:
-    return await create_user(client)
-
-
-@pytest.fixture
-async def project(client: Client, owner: TestUser, member: TestUser) -> dict[str, Any]:
-    project = await create_project(client, owner, "Launch")
-    await add_member(client, project, owner, member)
-    return project
 
 
 async def test_create_and_get(client: Client, project: dict[str, Any], member: TestUser) -> None:

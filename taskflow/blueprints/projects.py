@@ -91,16 +91,18 @@ async def list_projects(auth: Auth, query_args: ProjectQuery) -> dict[str, Any]:
     return await project_page(session(), auth.user_id, query_args.limit, query_args.cursor)
 
 
-class ProjectCreate(RequestModel):
+class ProjectFields(RequestModel):
+    """A project's writable fields, as POST and PUT take them."""
+
     name: ProjectName
     description: Description | None = None
 
 
 @blueprint.post("/projects")
 @require_auth
-@validate_request(ProjectCreate)
+@validate_request(ProjectFields)
 @responds(ProjectOut, 201)
-async def create_project(auth: Auth, data: ProjectCreate) -> tuple[dict[str, Any], int, Any]:
+async def create_project(auth: Auth, data: ProjectFields) -> tuple[dict[str, Any], int, Any]:
     """Create a project; the caller becomes its owner."""
     project = await insert_project(session(), auth.user_id, data.name, data.description)
     return project, 201, {"Location": f"/projects/{project['id']}"}
@@ -117,19 +119,12 @@ async def get_project(auth: Auth, project_id: uuid.UUID) -> dict[str, Any]:
     return project
 
 
-class ProjectReplace(RequestModel):
-    name: ProjectName
-    description: Description | None = None
-
-
 @blueprint.put("/projects/<uuid:project_id>")
 @require_auth
 @documents(403)
-@validate_request(ProjectReplace)
+@validate_request(ProjectFields)
 @responds(ProjectOut)
-async def replace_project(
-    auth: Auth, project_id: uuid.UUID, data: ProjectReplace
-) -> dict[str, Any]:
+async def replace_project(auth: Auth, project_id: uuid.UUID, data: ProjectFields) -> dict[str, Any]:
     """Replace a project's name and description (an omitted description becomes null).
 
     Owner only.

@@ -101,7 +101,9 @@ async def list_tasks(auth: Auth, project_id: uuid.UUID, query_args: TaskQuery) -
     return await task_page(db_session, project_id, auth.user_id, query_args)
 
 
-class TaskCreate(RequestModel):
+class TaskFields(RequestModel):
+    """A task's writable fields, as POST and PUT take them."""
+
     title: TaskTitle
     description: Description | None = None
     status: TaskStatus = TaskStatus.PENDING
@@ -111,10 +113,10 @@ class TaskCreate(RequestModel):
 
 @blueprint.post("/projects/<uuid:project_id>/tasks")
 @require_auth
-@validate_request(TaskCreate)
+@validate_request(TaskFields)
 @responds(TaskOut, 201)
 async def create_task(
-    auth: Auth, project_id: uuid.UUID, data: TaskCreate
+    auth: Auth, project_id: uuid.UUID, data: TaskFields
 ) -> tuple[dict[str, Any], int, dict[str, str]]:
     """Create a task; the assignee, if any, must be a member of the project."""
     task, version = await insert_task(session(), project_id, auth.user_id, data.model_dump())
@@ -132,21 +134,13 @@ async def get_task(auth: Auth, task_id: uuid.UUID) -> tuple[dict[str, Any], int,
     return task_of(row), 200, {"ETag": etag(row.version)}
 
 
-class TaskReplace(RequestModel):
-    title: TaskTitle
-    description: Description | None = None
-    status: TaskStatus = TaskStatus.PENDING
-    assignee_id: uuid.UUID | None = None
-    due_date: Timestamp | None = None
-
-
 @blueprint.put("/tasks/<uuid:task_id>")
 @require_auth
 @documents(412)
-@validate_request(TaskReplace)
+@validate_request(TaskFields)
 @responds(TaskOut)
 async def replace_task(
-    auth: Auth, task_id: uuid.UUID, data: TaskReplace
+    auth: Auth, task_id: uuid.UUID, data: TaskFields
 ) -> tuple[dict[str, Any], int, dict[str, str]]:
     """Replace a task's writable fields: an omitted one becomes null (status: pending).
 
