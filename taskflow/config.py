@@ -11,7 +11,8 @@ from pathlib import Path
 from sqlalchemy.engine import URL, make_url
 
 MIN_SECRET_BYTES = 32
-SECRET_FILE_NAME = "secret_key"  # noqa: S105 (a file name)
+# A file's name, not a secret.
+SECRET_FILE_NAME = "secret_key"  # noqa: S105  # nosec B105
 EMBEDDED_DATABASE_NAME = "taskflow.sqlite3"
 
 

@@ -276,7 +276,7 @@ class Connection:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.user_id = ""
-        self.session_id: uuid.UUID | None = None
+        self.session_id = uuid.UUID(int=0)
         self.subscriptions: dict[str, Subscription] = {}
         self.outbox: asyncio.Queue[str] = asyncio.Queue(config.ws_send_queue)
         self.done = asyncio.Event()
@@ -295,7 +295,7 @@ class Connection:
         tasks = [
             asyncio.create_task(self._receive()),
             asyncio.create_task(self._send()),
-            asyncio.create_task(self._watch_session()),
+            asyncio.create_task(self._watch_session(self.session_id)),
         ]
         try:
             await self.done.wait()
@@ -365,13 +365,12 @@ class Connection:
         self.close_code, self.close_reason = CLOSE_UNAUTHORIZED, reason
         return False
 
-    async def _watch_session(self) -> None:
-        assert self.session_id is not None
+    async def _watch_session(self, session_id: uuid.UUID) -> None:
         while True:
             await asyncio.sleep(SESSION_CHECK_SECONDS)
             try:
                 async with backends().sessionmaker() as db_session:
-                    active = await session_is_active(db_session, self.session_id)
+                    active = await session_is_active(db_session, session_id)
             except Exception:  # the database is away: keep the socket, check again later
                 log.warning("session check failed", exc_info=True)
                 continue

@@ -112,7 +112,8 @@ def tokens_of(tokens: IssuedTokens) -> dict[str, Any]:
     return {
         "access_token": tokens.access_token,
         "refresh_token": tokens.refresh_token,
-        "token_type": "bearer",
+        # The scheme's name, not a secret.
+        "token_type": "bearer",  # nosec B105
         "expires_in": tokens.expires_in,
     }
 
@@ -130,9 +131,9 @@ async def login(data: Credentials) -> dict[str, Any]:
     """
     db_session = session()
     user = await find_user_by_email(db_session, data.email)
-    if not await check_password(data.password, user.password_hash if user else None):
+    matched = await check_password(data.password, user.password_hash if user else None)
+    if user is None or not matched:
         raise APIError(401, "invalid_credentials", "The email or password is wrong.")
-    assert user is not None
     return tokens_of(await start_session(db_session, user.id))
 
 

@@ -113,10 +113,7 @@ async def create_project(auth: Auth, data: ProjectFields) -> tuple[dict[str, Any
 @responds(ProjectOut)
 async def get_project(auth: Auth, project_id: uuid.UUID) -> dict[str, Any]:
     """Get a project the caller is a member of."""
-    project = await select_project(session(), project_id, auth.user_id)
-    if project is None:
-        raise project_not_found()
-    return project
+    return await visible_project(session(), project_id, auth.user_id)
 
 
 @blueprint.put("/projects/<uuid:project_id>")
@@ -274,11 +271,14 @@ def as_event_data(project: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in project.items() if key != "role"}
 
 
-async def select_project(
+async def visible_project(
     db_session: AsyncSession, project_id: uuid.UUID, user_id: uuid.UUID
-) -> dict[str, Any] | None:
+) -> dict[str, Any]:
+    """The project as its member *user_id* sees it, or a 404."""
     row = (await db_session.execute(projects_of(user_id).where(Project.id == project_id))).first()
-    return row._asdict() if row else None
+    if row is None:
+        raise project_not_found()
+    return row._asdict()
 
 
 async def project_page(
@@ -335,15 +335,13 @@ async def update_project(
     db_session: AsyncSession, project_id: uuid.UUID, user_id: uuid.UUID, values: dict[str, Any]
 ) -> dict[str, Any]:
     require_owner(await project_role(db_session, project_id, user_id, for_write=True), "edit it")
-    before = await select_project(db_session, project_id, user_id)
-    assert before is not None
+    before = await visible_project(db_session, project_id, user_id)
     await db_session.execute(
         update(Project)
         .where(Project.id == project_id)
         .values(**values, updated_at=datetime.now(UTC))
     )
-    after = await select_project(db_session, project_id, user_id)
-    assert after is not None
+    after = await visible_project(db_session, project_id, user_id)
     changes = {key: [before[key], after[key]] for key in values if before[key] != after[key]}
     await record_event(
         db_session, "project.updated", project_id, user_id, as_event_data(after), changes
@@ -355,8 +353,7 @@ async def remove_project(
     db_session: AsyncSession, project_id: uuid.UUID, user_id: uuid.UUID
 ) -> None:
     require_owner(await project_role(db_session, project_id, user_id, for_write=True), "delete it")
-    project = await select_project(db_session, project_id, user_id)
-    assert project is not None
+    project = await visible_project(db_session, project_id, user_id)
     # The event row goes with the project (its log is deleted too); it is
     # still published to the project's live subscribers after the commit.
     await record_event(db_session, "project.deleted", project_id, user_id, as_event_data(project))
