@@ -47,7 +47,8 @@ class JSONRequest(Request):
     """
 
     async def get_json(self, force: bool = False, silent: bool = False, cache: bool = True) -> Any:
-        if not (force or self.is_json):
+        # Two Content-Type headers are no type at all: refuse rather than pick one.
+        if not (force or self.is_json) or len(self.headers.getlist("Content-Type")) > 1:
             if silent:
                 return None
             raise APIError(415)

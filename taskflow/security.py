@@ -171,8 +171,11 @@ def bearer_claims() -> TokenClaims | None:
     both ask for it. Raises a 401 for a token that is present but bad.
     """
     if "bearer_claims" not in g:
-        header = request.headers.get("Authorization", "")
+        headers = request.headers.getlist("Authorization")
+        header = headers[0] if len(headers) == 1 else ""
         scheme, _, token = header.partition(" ")
+        if len(headers) > 1:
+            raise APIError(401, "unauthorized", "Send one Authorization header.")
         if not header:
             g.bearer_claims = None
         elif scheme.lower() != "bearer" or not token.strip():
