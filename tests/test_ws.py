@@ -521,3 +521,28 @@ async def test_redis_restarting_mid_stream_loses_no_event(
     updates = [event for event in feed["items"] if event["event"] == "task.updated"]
     assert [event["id"] for event in received] == [event["id"] for event in updates]
     assert received == updates
+
+
+async def test_abuse_leaves_the_server_up_and_others_served(
+    server: str, http: httpx.AsyncClient
+) -> None:
+    owner = await Api.register(http)
+    project = await owner.project()
+    # A thousand connections that never authenticate...
+    idle = await asyncio.gather(*(connect(server) for _ in range(1000)))
+    async with await ready(server, owner) as reader, await ready(server, owner) as flooder:
+        await subscribe(reader, project)
+        # ...a flood of subscribes, malformed and binary frames on another socket...
+        for n in range(200):
+            await flooder.send(json.dumps({"type": "subscribe", "project_id": project["id"]}))
+            await flooder.send(b"\xff" * 100 if n % 2 else "{broken")
+        # ...and another client's events keep flowing.
+        for n in range(20):
+            await owner.task(project, f"during abuse {n}")
+        events = await events_until(reader, 20)
+        assert [event["data"]["title"] for event in events] == [
+            f"during abuse {n}" for n in range(20)
+        ]
+    codes = await asyncio.gather(*(close_code(ws, timeout=20) for ws in idle))
+    assert set(codes) == {4401}
+    assert (await http.get("/healthz")).status_code == 200
