@@ -48,14 +48,28 @@ DETAILS = {
 }
 
 
+# SQLSTATE classes that mean the server is going away or refusing work:
+# connection exception, insufficient resources, operator intervention
+# (administrator shutdown, "the database system is starting up").
+UNAVAILABLE_SQLSTATE_CLASSES = ("08", "53", "57")
+
+
 def is_unavailable(error: BaseException) -> bool:
     """Whether an error means a backing service is down rather than a bug."""
     if isinstance(error, exc.DBAPIError):
-        return error.connection_invalidated or isinstance(
-            error, exc.OperationalError | exc.InterfaceError
+        sqlstate = getattr(error.orig, "sqlstate", None) or ""
+        return (
+            error.connection_invalidated
+            or isinstance(error, exc.OperationalError | exc.InterfaceError)
+            or sqlstate[:2] in UNAVAILABLE_SQLSTATE_CLASSES
         )
     return isinstance(
-        error, OSError | asyncio.TimeoutError | exc.TimeoutError | aioredis.ConnectionError
+        error,
+        OSError
+        | asyncio.TimeoutError
+        | exc.TimeoutError
+        | aioredis.ConnectionError
+        | aioredis.TimeoutError,
     )
 
 

@@ -281,7 +281,7 @@ async def live_server(environ: dict[str, str], workers: int = 1) -> AsyncIterato
         env={**os.environ, **environ},
         cwd=PROJECT_ROOT,
         stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
+        stderr=open(os.environ.get("TASKFLOW_TEST_SERVER_LOG", os.devnull), "a"),  # noqa: ASYNC230, SIM115
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:

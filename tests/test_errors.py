@@ -13,10 +13,12 @@ from quart import Blueprint
 from quart.typing import TestClientProtocol as Client
 from quart_schema import validate_request
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 
 from taskflow import create_app
 from taskflow.config import Config
 from taskflow.db import session
+from taskflow.errors import is_unavailable
 
 from .conftest import problem_of, running
 
@@ -184,3 +186,17 @@ async def test_log_lines_are_json_with_the_request_id(
     access = next(line for line in mine if line["logger"] == "taskflow.access")
     assert (access["method"], access["path"], access["status"]) == ("GET", "/probe/boom", 500)
     assert datetime.fromisoformat(access["time"]).tzinfo is not None
+
+
+@pytest.mark.parametrize(
+    ("sqlstate", "unavailable"),
+    [("57P01", True), ("57P03", True), ("08006", True), ("53300", True), ("23505", False)],
+)
+def test_server_side_shutdowns_are_unavailable_not_bugs(sqlstate: str, unavailable: bool) -> None:
+    class Orig(Exception):
+        pass
+
+    orig = Orig("terminating connection due to administrator command")
+    orig.sqlstate = sqlstate  # type: ignore[attr-defined]
+    error = DBAPIError("SELECT 1", None, orig)
+    assert is_unavailable(error) is unavailable
