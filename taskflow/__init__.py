@@ -6,6 +6,7 @@ from quart import Quart
 from quart_schema import Info, QuartSchema, tag_blueprint
 
 from . import db, errors, limits, logs, ws
+from .blueprints import auth, ops, projects, tasks
 from .config import Config
 from .jsonio import JSONRequest, ORJSONProvider
 from .openapi import BEARER, TaskFlowOpenAPIProvider
@@ -47,8 +48,6 @@ def create_app(config: Config | None = None) -> Quart:
     db.init_app(app, config)
     errors.init_app(app)
     limits.init_app(app, config)
-
-    from .blueprints import auth, ops, projects, tasks
 
     for blueprint, tag in (
         (ops.blueprint, "operations"),
