@@ -39,6 +39,8 @@ blueprint = Blueprint("auth", __name__, url_prefix="/auth")
 
 MAX_EMAIL_LENGTH = 254
 MIN_PASSWORD_LENGTH = 8
+# The scheme's name, not a secret.
+TOKEN_TYPE = "bearer"  # noqa: S105  # nosec B105
 
 
 def normalize_email(value: str) -> str:
@@ -112,8 +114,7 @@ def tokens_of(tokens: IssuedTokens) -> dict[str, Any]:
     return {
         "access_token": tokens.access_token,
         "refresh_token": tokens.refresh_token,
-        # The scheme's name, not a secret.
-        "token_type": "bearer",  # nosec B105
+        "token_type": TOKEN_TYPE,
         "expires_in": tokens.expires_in,
     }
 
