@@ -43,7 +43,7 @@ def serve(host: str, port: int) -> None:
 
         async def shutdown_trigger() -> None:
             await stopping.wait()
-            await restart_sockets(app)
+            restart_sockets(app)
 
         await hypercorn_serve(app, config, shutdown_trigger=shutdown_trigger)
 

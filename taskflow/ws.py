@@ -140,8 +140,7 @@ class Subscription:
 class Stream:
     """This process's view of one project's events: in log order, no gap."""
 
-    def __init__(self, fanout: Fanout, project_id: str, last_id: int) -> None:
-        self.fanout = fanout
+    def __init__(self, project_id: str, last_id: int) -> None:
         self.project_id = project_id
         self.last_id = last_id
         self.subscriptions: set[Subscription] = set()
@@ -166,8 +165,9 @@ class Stream:
                     if message["prev_id"] > self.last_id:
                         await self._read_log(before=message["event"]["id"])
                     self._deliver(message["event"])
-            except Exception:  # a database hiccup: the next message or poll retries
+            except Exception:  # a database hiccup: read the log again shortly
                 log.exception("stream %s could not read the event log", self.project_id)
+                asyncio.get_running_loop().call_later(POLL_SECONDS, self.catch_up)
 
     async def _read_log(self, before: int | None = None) -> None:
         async with backends().sessionmaker() as db_session:
@@ -221,7 +221,7 @@ class Fanout:
                 async with backends().sessionmaker() as db_session:
                     last_id = await latest_event_id(db_session, uuid.UUID(subscription.project_id))
                 stream = self.streams[subscription.project_id] = Stream(
-                    self, subscription.project_id, last_id
+                    subscription.project_id, last_id
                 )
             stream.subscriptions.add(subscription)
 
@@ -254,14 +254,10 @@ class Fanout:
                     stream.catch_up()
             was_connected = connected
 
-    async def restart(self) -> None:
+    def restart(self) -> None:
         """Close every socket with 1012 so its client reconnects elsewhere."""
-        await asyncio.gather(
-            *(
-                connection.close(CLOSE_RESTARTING, "server restarting")
-                for connection in self.connections
-            )
-        )
+        for connection in tuple(self.connections):
+            connection.close(CLOSE_RESTARTING, "server restarting")
 
 
 def fanout() -> Fanout:
@@ -312,11 +308,11 @@ class Connection:
         if self.close_code is None:
             return
         # A stalled client may never read the close frame; do not wait on it.
-        with contextlib.suppress(TimeoutError, Exception):
+        with contextlib.suppress(Exception):
             async with asyncio.timeout(CLOSE_TIMEOUT_SECONDS):
                 await websocket.close(self.close_code, self.close_reason)
 
-    async def close(self, code: int, reason: str) -> None:
+    def close(self, code: int, reason: str) -> None:
         if self.close_code is None:
             self.close_code, self.close_reason = code, reason
         self.done.set()
@@ -375,7 +371,7 @@ class Connection:
                 log.warning("session check failed", exc_info=True)
                 continue
             if not active:
-                await self.close(CLOSE_UNAUTHORIZED, "session_revoked")
+                self.close(CLOSE_UNAUTHORIZED, "session_revoked")
                 return
 
     # Receiving
@@ -386,7 +382,7 @@ class Connection:
                 message = await websocket.receive()
                 size = len(message.encode() if isinstance(message, str) else message)
                 if size > MAX_MESSAGE_BYTES:
-                    await self.close(CLOSE_TOO_BIG, "message over 64 KiB")
+                    self.close(CLOSE_TOO_BIG, "message over 64 KiB")
                     return
                 if not self.message_buckets.acquire("messages", self.message_limit).allowed:
                     self.enqueue(text({"type": "error", "code": "rate_limited"}))
@@ -505,11 +501,11 @@ async def ws() -> None:
     await Connection(current_app.config["TASKFLOW"]).serve()
 
 
-async def restart_sockets(app: Quart) -> None:
+def restart_sockets(app: Quart) -> None:
     """Close every socket of *app* with 1012, for a shutdown."""
     registry: Fanout | None = app.extensions.get(EXTENSION_KEY)
     if registry is not None:
-        await registry.restart()
+        registry.restart()
 
 
 def init_app(app: Quart) -> None:
@@ -520,9 +516,7 @@ def init_app(app: Quart) -> None:
         # instead, close the sockets with 1012 and let hypercorn wind down.
         if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
             loop = asyncio.get_running_loop()
-            loop.add_signal_handler(
-                signal.SIGTERM, lambda: asyncio.ensure_future(restart_sockets(app))
-            )
+            loop.add_signal_handler(signal.SIGTERM, restart_sockets, app)
 
     async def stop() -> None:
         registry: Fanout | None = app.extensions.pop(EXTENSION_KEY, None)
