@@ -12,6 +12,7 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Field,
     StringConstraints,
 )
 
@@ -41,13 +42,18 @@ def _to_utc(value: datetime) -> datetime:
 
 
 NoNul = AfterValidator(_no_nul)
+NO_NUL_PATTERN = "^[^\\x00]*$"  # the same rule, for the OpenAPI document
 Trimmed = StringConstraints(strip_whitespace=True, min_length=1)
 
+Documented = Field(json_schema_extra={"pattern": NO_NUL_PATTERN})
+
 # Names and titles are trimmed of surrounding white space, then must be non-empty.
-ProjectName = Annotated[str, Trimmed, StringConstraints(max_length=200), NoNul]
-TaskTitle = Annotated[str, Trimmed, StringConstraints(max_length=500), NoNul]
-Description = Annotated[str, StringConstraints(max_length=10_000), NoNul]
-Email = Annotated[str, StringConstraints(max_length=1024), NoNul]
+ProjectName = Annotated[str, Trimmed, StringConstraints(max_length=200), NoNul, Documented]
+TaskTitle = Annotated[str, Trimmed, StringConstraints(max_length=500), NoNul, Documented]
+Description = Annotated[str, StringConstraints(max_length=10_000), NoNul, Documented]
+Email = Annotated[
+    str, StringConstraints(max_length=254), NoNul, Field(json_schema_extra={"format": "email"})
+]
 
 # An RFC 3339 timestamp with an offset (422 without one), normalised to UTC.
 Timestamp = Annotated[AwareDatetime, BeforeValidator(_rfc3339), AfterValidator(_to_utc)]
