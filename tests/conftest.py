@@ -272,14 +272,20 @@ def free_port() -> int:
 
 
 @asynccontextmanager
-async def live_server(environ: dict[str, str], workers: int = 1) -> AsyncIterator[str]:
-    """A real hypercorn serving ``wsgi:app`` the way the Procfile does; yields its URL."""
+async def hypercorn(
+    environ: dict[str, str], workers: int = 1, graceful_timeout: int = 5
+) -> AsyncIterator[tuple[str, asyncio.subprocess.Process]]:
+    """A real hypercorn serving ``wsgi:app`` the way the Procfile does, in a
+    process group of its own (signal it as a platform would, with killpg);
+    yields its URL and process once it answers."""
     port = free_port()
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "hypercorn", "wsgi:app", "--bind", f"127.0.0.1:{port}",
-        "--worker-class", "uvloop", "--workers", str(workers), "--graceful-timeout", "5",
+        "--worker-class", "uvloop", "--workers", str(workers),
+        "--graceful-timeout", str(graceful_timeout),
         env={**os.environ, **environ},
         cwd=PROJECT_ROOT,
+        start_new_session=True,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=open(os.environ.get("TASKFLOW_TEST_SERVER_LOG", os.devnull), "a"),  # noqa: ASYNC230, SIM115
     )  # fmt: skip
@@ -294,10 +300,18 @@ async def live_server(environ: dict[str, str], workers: int = 1) -> AsyncIterato
                     await asyncio.sleep(0.05)
             else:
                 raise RuntimeError("the server did not start")
-        yield url
+        yield url, process
     finally:
-        process.terminate()
-        await asyncio.wait_for(process.wait(), 15)
+        if process.returncode is None:
+            process.terminate()
+            await asyncio.wait_for(process.wait(), 15)
+
+
+@asynccontextmanager
+async def live_server(environ: dict[str, str]) -> AsyncIterator[str]:
+    """A live instance; yields its URL."""
+    async with hypercorn(environ) as (url, _process):
+        yield url
 
 
 def tampered(cursor: str) -> str:

@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from taskflow.config import Config
 from taskflow.models import Event, Task
 
-from .conftest import ON_POSTGRES, PASSWORD, PROJECT_ROOT, free_port, live_server, running
+from .conftest import ON_POSTGRES, PASSWORD, hypercorn, live_server, running
 
 CLUSTER = next(iter(os.listdir("/etc/postgresql")), "") if Path("/etc/postgresql").exists() else ""
 
@@ -111,21 +111,8 @@ async def test_sigterm_lets_in_flight_requests_finish(
     config: Config, environ: dict[str, str]
 ) -> None:
     slow = {**environ, "TASKFLOW_BCRYPT_ROUNDS": "14"}  # a login takes about a second
-    port = free_port()
-    async with running(config):
-        process = await asyncio.create_subprocess_exec(
-            "hypercorn", "wsgi:app", "--bind", f"127.0.0.1:{port}", "--worker-class", "uvloop",
-            "--workers", "1", "--graceful-timeout", "20",
-            env={**os.environ, **slow}, cwd=PROJECT_ROOT, start_new_session=True,
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-        )  # fmt: skip
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
-            for _ in range(200):
-                try:
-                    await http.get("/healthz")
-                    break
-                except httpx.TransportError:
-                    await asyncio.sleep(0.05)
+    async with running(config), hypercorn(slow, graceful_timeout=20) as (url, process):
+        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
             body = {"email": "slow@example.com", "password": PASSWORD}
             assert (await http.post("/auth/register", json=body)).status_code == 201
             in_flight = asyncio.create_task(http.post("/auth/login", json=body))

@@ -22,9 +22,9 @@ from taskflow.config import Config
 from .conftest import (
     ON_POSTGRES,
     PASSWORD,
-    PROJECT_ROOT,
     TEST_REDIS_URL,
     free_port,
+    hypercorn,
     live_server,
     running,
 )
@@ -424,22 +424,11 @@ async def test_connections_per_user_are_rate_limited(
 async def test_sigterm_closes_sockets_with_1012_and_exits(
     config: Config, environ: dict[str, str]
 ) -> None:
-    port = free_port()
-    async with running(config):
-        process = await asyncio.create_subprocess_exec(
-            "hypercorn", "wsgi:app", "--bind", f"127.0.0.1:{port}", "--worker-class", "uvloop",
-            "--workers", "2", "--graceful-timeout", "20",
-            env={**os.environ, **environ}, cwd=PROJECT_ROOT, start_new_session=True,
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-        )  # fmt: skip
-        url = f"http://127.0.0.1:{port}"
+    async with (
+        running(config),
+        hypercorn(environ, workers=2, graceful_timeout=20) as (url, process),
+    ):
         async with httpx.AsyncClient(base_url=url) as http:
-            for _ in range(200):
-                try:
-                    await http.get("/healthz")
-                    break
-                except httpx.TransportError:
-                    await asyncio.sleep(0.05)
             user = await Api.register(http)
             sockets = [await ready(url, user) for _ in range(4)]
             started = time.monotonic()
