@@ -172,15 +172,14 @@ def bearer_claims() -> TokenClaims | None:
     """
     if "bearer_claims" not in g:
         headers = request.headers.getlist("Authorization")
-        header = headers[0] if len(headers) == 1 else ""
-        scheme, _, token = header.partition(" ")
-        if len(headers) > 1:
-            raise APIError(401, "unauthorized", "Send one Authorization header.")
-        if not header:
+        if not headers:
             g.bearer_claims = None
-        elif scheme.lower() != "bearer" or not token.strip():
-            raise APIError(401, "unauthorized", "Expected 'Authorization: Bearer <token>'.")
+        elif len(headers) > 1:
+            raise APIError(401, "unauthorized", "Send one Authorization header.")
         else:
+            scheme, _, token = headers[0].partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                raise APIError(401, "unauthorized", "Expected 'Authorization: Bearer <token>'.")
             g.bearer_claims = decode_token(token.strip(), ACCESS_TYPE)
     claims: TokenClaims | None = g.bearer_claims
     return claims
