@@ -1,0 +1,1 @@
+"""TaskFlow's benchmark: `python -m bench` (see bench/README.md)."""
