@@ -43,6 +43,11 @@ def create_app(config: Config | None = None) -> Quart:
     )
 
     schema.init_app(app)
+    # quart-schema wraps make_response to turn returned models into dicts, and
+    # in doing so runs every returned dict through a fresh pydantic TypeAdapter
+    # (a tenth of a task page's CPU). Routes here return plain data, which
+    # orjson serialises directly: keep Quart's own make_response.
+    del app.make_response
     app.json = ORJSONProvider(app)
     logs.init_app(app)
     db.init_app(app, config)
