@@ -18,7 +18,7 @@ from sqlalchemy import and_, delete, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from ..db import AnySelect, session
+from ..db import AnySelect, rows, session
 from ..errors import APIError
 from ..events import events_after, record_event
 from ..models import MemberRole, Project, ProjectMember, Task, User
@@ -53,7 +53,7 @@ async def project_role(
         query = query.join(Project, Project.id == ProjectMember.project_id).with_for_update(
             of=Project
         )
-    role = (await db_session.execute(query)).scalar_one_or_none()
+    role: MemberRole | None = (await rows(db_session, query)).scalar_one_or_none()
     if role is None:
         raise project_not_found()
     return role

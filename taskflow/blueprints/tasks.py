@@ -29,7 +29,7 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.expression import TextClause
 
-from ..db import AnyRow, AnySelect, session
+from ..db import AnyRow, AnySelect, rows, session
 from ..errors import APIError, validation_failed
 from ..events import record_event
 from ..models import SEARCH_DOCUMENT, Project, ProjectMember, Task, TaskStatus
@@ -128,7 +128,7 @@ async def create_task(
 @responds(TaskOut)
 async def get_task(auth: Auth, task_id: uuid.UUID) -> tuple[dict[str, Any], int, dict[str, str]]:
     """Get a task of a project the caller is a member of, with its `ETag`."""
-    row = (await session().execute(tasks_of(auth.user_id).where(Task.id == task_id))).first()
+    row = (await rows(session(), tasks_of(auth.user_id).where(Task.id == task_id))).first()
     if row is None:
         raise task_not_found()
     return task_of(row), 200, {"ETag": etag(row.version)}
@@ -333,13 +333,13 @@ async def task_page(
         if sort_name == "due_date"
         else keyset_page(base, getattr(Task, sort_name), descending, position, query.limit + 1)
     )
-    rows = [task_of(row) for row in await db_session.execute(page_query)]
+    items = [task_of(row) for row in await rows(db_session, page_query)]
     next_cursor = None
-    if len(rows) > query.limit:
-        rows = rows[: query.limit]
-        last = rows[-1]
+    if len(items) > query.limit:
+        items = items[: query.limit]
+        last = items[-1]
         next_cursor = encode_cursor(scope, [last[sort_name], last["id"]])
-    return {"items": rows, "next_cursor": next_cursor}
+    return {"items": items, "next_cursor": next_cursor}
 
 
 Condition = ColumnElement[bool] | TextClause
