@@ -1,46 +1,47 @@
 """Benchmark TaskFlow against a framework-free reference doing the same work.
 
-    python -m bench                 # 1,000 users, 2,000 projects, 200,000 tasks
-    python -m bench --tasks 1000000
-    python -m bench --smoke         # a few seconds, to keep the benchmark working
+    python -m bench                  # every part: 1,000 users, 2,000 projects, 200,000 tasks,
+                                     # then the 10,000 / 1,000,000-task list latency ratio
+    python -m bench --only fanout    # one part (http, fanout or scale); repeatable
+    python -m bench --smoke          # every part tiny, a few seconds: CI's check
 
 It creates a fresh database, seeds it with COPY, starts TaskFlow the way the
 Procfile does (hypercorn, uvloop, one worker per core) and the reference
-server beside it, and drives both with wrk from a separate process,
-interleaving their runs. It prints a Markdown table.
+server beside it, and drives both from separate processes: wrk, an
+open-loop client (bench/arrival.py) and WebSocket subscribers
+(bench/fanout.py). It prints two Markdown tables: the measurements, then the
+targets with whether each is met. It exits non-zero if any request failed.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
-import random
-import re
 import shutil
-import socket
-import subprocess
 import sys
 import time
-import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from pathlib import Path
+from dataclasses import dataclass, field
 
-import asyncpg
-import bcrypt
 import httpx
-from alembic import command
-from sqlalchemy.engine import make_url
 
-from taskflow.cli import alembic_config
 from taskflow.config import normalize_database_url
 
-ROOT = Path(__file__).resolve().parent.parent
-PASSWORD = "benchmark-password"
-STATUSES = ("pending", "in_progress", "completed")
+from .processes import python_module, serve
+from .seed import PASSWORD, Seeded, fresh_database, seed
+from .wrk import Result, wrk
+
+PARTS = ("http", "fanout", "scale")
+UNLIMITED = "1000000000"
+CORES = os.cpu_count() or 1
+LOGIN_CONNECTIONS = 2 * CORES  # enough to keep every core's bcrypt busy
+LOGIN_SECONDS = 3  # at least: a login takes most of a second on a busy core
+FLOOD_CONNECTIONS = 8 * CORES  # logins arrive faster than bcrypt can serve them
+ARRIVAL_SHARE = 0.7  # of TaskFlow's own maximum list throughput
+FANOUT_WRITES_PER_SECOND = 5
+RATIO_CONNECTIONS = 4
+RATIO_LIST_SHARE = 0.01  # of the tasks, in the listed project, so both sizes fill a page
 
 
 @dataclass
@@ -50,197 +51,247 @@ class Scale:
     tasks: int
     seconds: int
     connections: int
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-async def create_database(admin_dsn: str, name: str) -> str:
-    connection = await asyncpg.connect(admin_dsn)
-    try:
-        await connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await connection.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await connection.close()
-    return str(make_url(admin_dsn).set(database=name).render_as_string(hide_password=False))
-
-
-async def seed(dsn: str, scale: Scale) -> tuple[str, uuid.UUID]:
-    """Users, projects (owner plus two members each) and tasks; returns the
-    benchmark user's email and a project of theirs."""
-    rng = random.Random(7)
-    password_hash = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(12)).decode()
-    now = datetime.now(UTC)
-    users = [uuid.uuid4() for _ in range(scale.users)]
-    projects = [uuid.uuid4() for _ in range(scale.projects)]
-    connection = await asyncpg.connect(dsn)
-    try:
-        await connection.copy_records_to_table(
-            "users",
-            columns=["id", "email", "password_hash", "created_at"],
-            records=[
-                (u, f"user{n}@bench.example", password_hash, now) for n, u in enumerate(users)
-            ],
-        )
-        await connection.copy_records_to_table(
-            "projects",
-            columns=["id", "name", "owner_id", "created_at", "updated_at"],
-            records=[(p, f"Project {n}", users[n % len(users)], now, now)
-                     for n, p in enumerate(projects)],
-        )  # fmt: skip
-        members = []
-        for n, project in enumerate(projects):
-            owner = users[n % len(users)]
-            members.append((project, owner, "owner", now))
-            for other in {users[(n + 1) % len(users)], users[(n + 2) % len(users)]} - {owner}:
-                members.append((project, other, "member", now))
-        await connection.copy_records_to_table(
-            "project_members", columns=["project_id", "user_id", "role", "added_at"],
-            records=members,
-        )  # fmt: skip
-        batch = []
-        for n in range(scale.tasks):
-            project_index = n % len(projects)
-            created = now - timedelta(seconds=scale.tasks - n)
-            due = created + timedelta(days=rng.randint(1, 60)) if n % 3 else None
-            batch.append((uuid.uuid4(), projects[project_index], f"Task {n} of the benchmark",
-                          None, STATUSES[n % 3], users[project_index % len(users)], due, 1,
-                          created, created))  # fmt: skip
-            if len(batch) == 50_000 or n == scale.tasks - 1:
-                await connection.copy_records_to_table(
-                    "tasks",
-                    columns=["id", "project_id", "title", "description", "status",
-                             "assignee_id", "due_date", "version", "created_at", "updated_at"],
-                    records=batch,
-                )  # fmt: skip
-                batch = []
-        await connection.execute("ANALYZE")
-    finally:
-        await connection.close()
-    return "user0@bench.example", projects[0]
-
-
-@asynccontextmanager
-async def serve(app: str, env: dict[str, str], workers: int) -> AsyncIterator[str]:
-    port = free_port()
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "hypercorn", app, "--bind", f"127.0.0.1:{port}",
-        "--worker-class", "uvloop", "--workers", str(workers),
-        env={**os.environ, **env}, cwd=ROOT,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        async with httpx.AsyncClient() as http:
-            for _ in range(400):
-                try:
-                    await http.get(f"{url}/healthz")
-                    break
-                except httpx.TransportError:
-                    await asyncio.sleep(0.05)
-        yield url
-    finally:
-        process.terminate()
-        await process.wait()
+    subscribers: int
+    ratio_tasks: tuple[int, int]
 
 
 @dataclass
-class Result:
+class Target:
     name: str
-    requests_per_second: float
-    p50_ms: float
-    p99_ms: float
-    errors: int
+    measured: str
+    met: bool
 
 
-def wrk(name: str, url: str, scale: Scale, token: str) -> Result:
-    command_line = ["wrk", "-t2", f"-c{scale.connections}", f"-d{scale.seconds}s", "--latency",
-                    "-H", f"Authorization: Bearer {token}"]  # fmt: skip
-    output = subprocess.run([*command_line, url], capture_output=True, text=True, check=True).stdout
+@dataclass
+class Report:
+    results: list[Result] = field(default_factory=list)
+    targets: list[Target] = field(default_factory=list)
 
-    def millis(label: str) -> float:
-        match = re.search(rf"{label}\s+([\d.]+)(us|ms|s)", output)
-        if match is None:
-            return float("nan")
-        value, unit = float(match[1]), match[2]
-        return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
 
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", output)[1])  # type: ignore[index]
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
-    return Result(name, rps, millis("50%"), millis("99%"), int(errors[1]) if errors else 0)
+def taskflow_env(dsn: str) -> dict[str, str]:
+    return {
+        "DATABASE_URL": dsn,
+        "REDIS_URL": os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14"),
+        "TASKFLOW_SECRET_KEY": "bench-" + "s" * 40,
+        "TASKFLOW_RATE_LIMIT_PER_MINUTE": UNLIMITED,
+        "TASKFLOW_AUTH_RATE_LIMIT_PER_MINUTE": UNLIMITED,
+        "TASKFLOW_WS_CONNECTIONS_PER_MINUTE": UNLIMITED,
+        "TASKFLOW_LOG_LEVEL": "WARNING",
+        "BENCH_DSN": dsn,
+    }
+
+
+async def seeded_database(
+    admin: str, scale: Scale, tasks: int, list_share: float | None = None
+) -> Seeded:
+    name = os.environ.get("BENCH_DATABASE_NAME", "taskflow_bench")
+    dsn = await fresh_database(admin, name)
+    started = time.monotonic()
+    seeded = await seed(dsn, scale.users, scale.projects, tasks, list_share)
+    print(f"bench: seeded {tasks:,} tasks in {time.monotonic() - started:.1f} s", file=sys.stderr)
+    return seeded
+
+
+async def log_in(url: str, email: str) -> str:
+    async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+        response = await http.post("/auth/login", json={"email": email, "password": PASSWORD})
+        response.raise_for_status()
+        token: str = response.json()["access_token"]
+        return token
+
+
+def list_page(url: str, project: object) -> str:
+    return f"{url}/projects/{project}/tasks?status=pending,in_progress&limit=50"
+
+
+async def http_part(seeded: Seeded, scale: Scale, report: Report) -> None:
+    """List (beside the ceiling), get, create, login; then list under a login
+    flood and list at a fixed arrival rate."""
+    env = taskflow_env(seeded.dsn)
+    closed_loop = (scale.seconds, scale.connections)
+    async with (
+        serve("wsgi:app", env, CORES) as taskflow,
+        serve("bench.reference:app", env, CORES) as reference,
+    ):
+        token = await log_in(taskflow, seeded.email)
+        page = list_page(taskflow, seeded.list_project)
+        async with httpx.AsyncClient(timeout=60) as http:
+            first = await http.get(page, headers={"Authorization": f"Bearer {token}"})
+            task_id = first.json()["items"][0]["id"]
+        runs = []
+        for _ in range(2):  # interleaved, so both see the same machine
+            runs.append(await wrk("list tasks (TaskFlow)", page, *closed_loop, token=token))
+            runs.append(await wrk("list tasks (reference)",
+                                  list_page(reference, seeded.list_project), *closed_loop,
+                                  token=token))  # fmt: skip
+        alone, ceiling = (
+            max((run for run in runs if run.name == name), key=lambda run: run.requests_per_second)
+            for name in ("list tasks (TaskFlow)", "list tasks (reference)")
+        )
+        report.results += [
+            alone,
+            ceiling,
+            await wrk("get task (TaskFlow)", f"{taskflow}/tasks/{task_id}", *closed_loop,
+                      token=token),
+            await wrk("create task (TaskFlow)", f"{taskflow}/projects/{seeded.write_project}/tasks",
+                      *closed_loop, token=token, script="create_task.lua"),
+            await wrk(f"login, {LOGIN_CONNECTIONS} connections (TaskFlow)",
+                      f"{taskflow}/auth/login", max(scale.seconds, LOGIN_SECONDS),
+                      LOGIN_CONNECTIONS, script="login.lua", script_args=(seeded.email, PASSWORD)),
+        ]  # fmt: skip
+        ratio = alone.requests_per_second / ceiling.requests_per_second
+        report.targets.append(
+            Target("list tasks req/s, TaskFlow / ceiling ≥ 0.5", f"{ratio:.2f}", ratio >= 0.5)
+        )
+        await list_under_login_flood(taskflow, seeded, token, scale, alone, report)
+        await list_at_fixed_arrival_rate(page, token, scale, alone, report)
+
+
+async def list_under_login_flood(
+    taskflow: str, seeded: Seeded, token: str, scale: Scale, alone: Result, report: Report
+) -> None:
+    async def list_once_flooded() -> Result:
+        await asyncio.sleep(1)  # let the flood build up first
+        return await wrk("list tasks, under a login flood (TaskFlow)",
+                         list_page(taskflow, seeded.list_project), scale.seconds,
+                         scale.connections, token=token)  # fmt: skip
+
+    async with asyncio.TaskGroup() as group:
+        flood = group.create_task(
+            wrk(f"login flood, {FLOOD_CONNECTIONS} connections (TaskFlow)",
+                f"{taskflow}/auth/login", scale.seconds + 2, FLOOD_CONNECTIONS,
+                script="login.lua", script_args=(seeded.email, PASSWORD))
+        )  # fmt: skip
+        flooded = group.create_task(list_once_flooded())
+    report.results += [flooded.result(), flood.result()]
+    growth = flooded.result().p99_ms / alone.p99_ms
+    report.targets.append(
+        Target("list p99 under a login flood ≤ 2x alone",
+               f"{growth:.2f}x ({alone.p99_ms:.1f} → {flooded.result().p99_ms:.1f} ms)",
+               growth <= 2)
+    )  # fmt: skip
+
+
+async def list_at_fixed_arrival_rate(
+    page: str, token: str, scale: Scale, alone: Result, report: Report
+) -> None:
+    rate = ARRIVAL_SHARE * alone.requests_per_second
+    arrival = json.loads(
+        await python_module("bench.arrival", page, "--token", token, "--rate", f"{rate:.1f}",
+                            "--seconds", str(scale.seconds))
+    )  # fmt: skip
+    report.results.append(
+        Result(f"list tasks, fixed arrival rate {rate:,.0f}/s (TaskFlow)",
+               arrival["sent"] / scale.seconds, arrival["p50_ms"], arrival["p99_ms"],
+               arrival["errors"])
+    )  # fmt: skip
+    report.targets.append(
+        Target(
+            f"list p99 at a fixed arrival rate ({ARRIVAL_SHARE:.0%} of max) ≤ 50 ms, no errors",
+            f"{arrival['p99_ms']:.1f} ms, {arrival['errors']} errors",
+            arrival["p99_ms"] <= 50 and arrival["errors"] == 0,
+        )
+    )
+
+
+async def fanout_part(seeded: Seeded, scale: Scale, report: Report) -> None:
+    """Task writes through REST, each delivered to every subscriber on one worker."""
+    async with serve("wsgi:app", taskflow_env(seeded.dsn), workers=1) as taskflow:
+        token = await log_in(taskflow, seeded.email)
+        fanout = json.loads(
+            await python_module("bench.fanout", taskflow, "--token", token,
+                                "--project", str(seeded.write_project),
+                                "--subscribers", str(scale.subscribers),
+                                "--writes", str(FANOUT_WRITES_PER_SECOND * scale.seconds),
+                                "--rate", str(FANOUT_WRITES_PER_SECOND))
+        )  # fmt: skip
+    report.results += [
+        Result(f"WebSocket fan-out to {scale.subscribers:,} subscribers, 1 worker (deliveries)",
+               fanout["per_second"], fanout["p50_ms"], fanout["p99_ms"], fanout["missing"]),
+        Result(f"create task, {FANOUT_WRITES_PER_SECOND}/s, during the fan-out (TaskFlow)",
+               FANOUT_WRITES_PER_SECOND, fanout["write_p50_ms"], fanout["write_p99_ms"],
+               fanout["write_errors"]),
+    ]  # fmt: skip
+    report.targets.append(
+        Target(
+            f"WebSocket fan-out p99, {scale.subscribers:,} subscribers on one worker ≤ 50 ms",
+            f"{fanout['p99_ms']:.1f} ms, {fanout['missing']} missing"
+            f" ({fanout['failed_subscribers']} subscribers failed)",
+            fanout["p99_ms"] <= 50 and fanout["missing"] == 0,
+        )
+    )
+
+
+async def scale_part(admin: str, scale: Scale, report: Report) -> None:
+    """List latency on a small and a large dataset, a fresh database each."""
+    runs = []
+    for tasks in scale.ratio_tasks:
+        seeded = await seeded_database(admin, scale, tasks, RATIO_LIST_SHARE)
+        async with serve("wsgi:app", taskflow_env(seeded.dsn), CORES) as taskflow:
+            token = await log_in(taskflow, seeded.email)
+            page = list_page(taskflow, seeded.list_project)
+            await wrk("warm-up", page, 1, RATIO_CONNECTIONS, token=token)
+            name = f"list tasks, {tasks:,} tasks, {RATIO_CONNECTIONS} connections (TaskFlow)"
+            runs.append(await wrk(name, page, scale.seconds, RATIO_CONNECTIONS, token=token))
+    report.results += runs
+    small, large = runs
+    small_tasks, large_tasks = scale.ratio_tasks
+    for name, ratio in (("p50", large.p50_ms / small.p50_ms), ("p99", large.p99_ms / small.p99_ms)):
+        report.targets.append(
+            Target(f"list {name}, {large_tasks:,} / {small_tasks:,} tasks ≤ 1.3", f"{ratio:.2f}",
+                   ratio <= 1.3)
+        )  # fmt: skip
+
+
+def print_tables(report: Report) -> None:
+    print("| measurement | req/s | p50 ms | p99 ms | errors |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for result in report.results:
+        print(f"| {result.name} | {result.requests_per_second:,.0f} | {result.p50_ms:.1f} "
+              f"| {result.p99_ms:.1f} | {result.errors} |")  # fmt: skip
+    print("\n| target | measured | met |")
+    print("| --- | --- | --- |")
+    for target in report.targets:
+        print(f"| {target.name} | {target.measured} | {'yes' if target.met else '**no**'} |")
 
 
 async def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
     parser.add_argument("--tasks", type=int, default=200_000)
-    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--seconds", type=int, default=10, help="of each load run")
+    parser.add_argument("--only", action="append", choices=PARTS, help="run only this part")
     parser.add_argument("--smoke", action="store_true", help="tiny and quick: CI's check")
     args = parser.parse_args()
     scale = (
-        Scale(users=10, projects=20, tasks=500, seconds=1, connections=4)
+        Scale(users=10, projects=20, tasks=500, seconds=1, connections=4, subscribers=20,
+              ratio_tasks=(1_000, 2_000))
         if args.smoke
         else Scale(users=1_000, projects=2_000, tasks=args.tasks, seconds=args.seconds,
-                   connections=50)
+                   connections=50, subscribers=1_000, ratio_tasks=(10_000, 1_000_000))
     )  # fmt: skip
+    parts = args.only or PARTS
     if shutil.which("wrk") is None:
         sys.exit("bench: needs wrk (apt-get install wrk)")
 
     admin = normalize_database_url(
         os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-    )
-    plain = admin.replace("postgresql+asyncpg://", "postgresql://")
-    dsn = await create_database(plain, "taskflow_bench")
-    config = alembic_config()
-    config.attributes.update(database_url=normalize_database_url(dsn), configure_logger=False)
-    await asyncio.to_thread(command.upgrade, config, "head")
-    started = time.monotonic()
-    email, project_id = await seed(dsn, scale)
-    print(f"seeded {scale.tasks:,} tasks in {time.monotonic() - started:.1f} s", file=sys.stderr)
-
-    workers = os.cpu_count() or 1
-    env = {
-        "DATABASE_URL": dsn,
-        "REDIS_URL": os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14"),
-        "TASKFLOW_SECRET_KEY": "bench-" + "s" * 40,
-        "TASKFLOW_RATE_LIMIT_PER_MINUTE": "1000000000",
-        "TASKFLOW_LOG_LEVEL": "WARNING",
-        "BENCH_DSN": dsn,
-    }
-    async with (
-        serve("wsgi:app", env, workers) as taskflow,
-        serve("bench.reference:app", env, workers) as reference,
-    ):
-        async with httpx.AsyncClient(base_url=taskflow, timeout=60) as http:
-            login = await http.post("/auth/login", json={"email": email, "password": PASSWORD})
-            token = login.json()["access_token"]
-            auth = {"Authorization": f"Bearer {token}"}
-            first = await http.get(f"/projects/{project_id}/tasks?limit=1", headers=auth)
-            task = first.json()
-        page = f"/projects/{project_id}/tasks?status=pending,in_progress&limit=50"
-        results = []
-        for _ in range(2):  # interleaved, so both see the same machine
-            results.append(wrk("list tasks (TaskFlow)", taskflow + page, scale, token))
-            results.append(wrk("list tasks (reference)", reference + page, scale, token))
-        results.append(
-            wrk("get task (TaskFlow)", f"{taskflow}/tasks/{task['items'][0]['id']}", scale, token)
-        )
-    best = {
-        name: max((r for r in results if r.name == name), key=lambda r: r.requests_per_second)
-        for name in dict.fromkeys(r.name for r in results)
-    }
-    print("| route | req/s | p50 ms | p99 ms | non-2xx |")
-    print("| --- | ---: | ---: | ---: | ---: |")
-    for result in best.values():
-        print(f"| {result.name} | {result.requests_per_second:,.0f} | {result.p50_ms:.1f} "
-              f"| {result.p99_ms:.1f} | {result.errors} |")  # fmt: skip
-    ratio = (best["list tasks (TaskFlow)"].requests_per_second
-             / best["list tasks (reference)"].requests_per_second)  # fmt: skip
-    print(f"\nlist tasks, TaskFlow / ceiling: {ratio:.2f}")
-    if any(result.errors for result in best.values()):
+    ).replace("postgresql+asyncpg://", "postgresql://")
+    report = Report()
+    if "http" in parts or "fanout" in parts:
+        seeded = await seeded_database(admin, scale, scale.tasks)
+        if "http" in parts:
+            print("bench: list, get, create, login, login flood, fixed arrival", file=sys.stderr)
+            await http_part(seeded, scale, report)
+        if "fanout" in parts:
+            print("bench: WebSocket fan-out", file=sys.stderr)
+            await fanout_part(seeded, scale, report)
+    if "scale" in parts:
+        await scale_part(admin, scale, report)
+    print_tables(report)
+    if any(result.errors for result in report.results):
         sys.exit("bench: some requests failed")
 
 

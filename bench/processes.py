@@ -1,0 +1,72 @@
+"""The processes a run starts: servers and load generators, each stopped on the
+way out, whatever happens."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@asynccontextmanager
+async def process(*argv: str, **options: Any) -> AsyncIterator[asyncio.subprocess.Process]:
+    """A child process, terminated if it is still running when the block ends."""
+    child = await asyncio.create_subprocess_exec(*argv, cwd=ROOT, **options)
+    try:
+        yield child
+    finally:
+        if child.returncode is None:
+            child.terminate()
+            await child.wait()
+
+
+async def output_of(*argv: str) -> str:
+    """Run a command to its end and return its standard output; its standard
+    error goes to ours, so warnings show as they happen."""
+    async with process(*argv, stdout=asyncio.subprocess.PIPE) as child:
+        out, _ = await child.communicate()
+    if child.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv[:3])} exited {child.returncode} (its error is above)")
+    return out.decode()
+
+
+async def python_module(module: str, *args: str) -> str:
+    """`python -m module args…` in its own process (load must not share our CPU)."""
+    return await output_of(sys.executable, "-m", module, *args)
+
+
+@asynccontextmanager
+async def serve(app: str, env: dict[str, str], workers: int) -> AsyncIterator[str]:
+    """Hypercorn serving *app* as the Procfile does; yields its base URL once it answers."""
+    port = free_port()
+    async with process(
+        sys.executable, "-m", "hypercorn", app, "--bind", f"127.0.0.1:{port}",
+        "--worker-class", "uvloop", "--workers", str(workers),
+        env={**os.environ, **env},
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    ):  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+        async with httpx.AsyncClient() as http:
+            for _ in range(400):
+                try:
+                    await http.get(f"{url}/healthz")
+                    break
+                except httpx.TransportError:
+                    await asyncio.sleep(0.05)
+        yield url

@@ -1,0 +1,60 @@
+"""wrk, closed loop, from its own process; its report parsed into a Result."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .processes import output_of
+
+HERE = Path(__file__).resolve().parent
+
+
+@dataclass
+class Result:
+    name: str
+    requests_per_second: float
+    p50_ms: float
+    p99_ms: float
+    errors: int  # non-2xx responses, connections that failed or timed out
+
+
+async def wrk(
+    name: str,
+    url: str,
+    seconds: int,
+    connections: int,
+    *,
+    token: str | None = None,
+    script: str | None = None,
+    script_args: tuple[str, ...] = (),
+) -> Result:
+    """*script* names a Lua file in bench/ (wrk's -s); *script_args* go to its init()."""
+    command_line = ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--timeout", "30s",
+                    "--latency"]  # fmt: skip
+    if token is not None:
+        command_line += ["-H", f"Authorization: Bearer {token}"]
+    if script is not None:
+        command_line += ["-s", str(HERE / script)]
+    command_line += [url, "--", *script_args]
+    output = await output_of(*command_line)
+
+    def millis(label: str) -> float:
+        match = re.search(rf"{label}\s+([\d.]+)(us|ms|s)", output)
+        if match is None:
+            return float("nan")
+        value, unit = float(match[1]), match[2]
+        return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", output)[1])  # type: ignore[index]
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    socket_errors = re.search(
+        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output
+    )
+    errors = (int(non_2xx[1]) if non_2xx else 0) + (
+        sum(int(count) for count in socket_errors.groups()) if socket_errors else 0
+    )
+    if re.search(r"\n\s*0 requests in", output):
+        errors += 1  # nothing answered in the whole run: that is a failure too
+    return Result(name, rps, millis("50%"), millis("99%"), errors)
