@@ -42,7 +42,7 @@ if tat - tolerance > now then
   return {0, tat - tolerance - now, tat - now}
 end
 tat = tat + interval
-redis.call('SET', KEYS[1], tat, 'PX', math.ceil((tat - now) / 1000))
+redis.call('SET', KEYS[1], tat, 'PX', math.max(1, math.ceil((tat - now) / 1000)))
 return {1, 0, tat - now}
 """
 

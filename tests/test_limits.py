@@ -148,6 +148,20 @@ async def test_limit_keys_expire_once_the_bucket_is_full_again(limited_app: Quar
     assert all(0 < ttl <= 20_000 for ttl in ttls), ttls
 
 
+@redis_only
+async def test_a_limit_too_generous_to_measure_still_counts_in_redis(
+    environ: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    # A billion a minute: the emission interval rounds to 0 µs, and the key's
+    # expiry must still be a valid one, or every request falls back to memory.
+    config = Config.from_env({**environ, "TASKFLOW_RATE_LIMIT_PER_MINUTE": "1000000000"})
+    async with running(config) as app:
+        response = await app.test_client().get("/healthz")
+    assert response.status_code == 200
+    assert response.headers["RateLimit-Limit"] == "1000000000"
+    assert "fall back" not in caplog.text
+
+
 @pytest.mark.skipif(not (ON_POSTGRES and TEST_REDIS_URL), reason="two instances and Redis")
 async def test_redis_outage_is_no_outage_and_limits_come_back_shared(
     config: Config, environ: dict[str, str]
