@@ -47,7 +47,8 @@ async def output_of(*argv: str) -> str:
 
 
 async def python_module(module: str, *args: str) -> str:
-    """`python -m module args…` in its own process (load must not share our CPU)."""
+    """`python -m module args…` in its own process: a load generator must not
+    share an event loop with anything else."""
     return await output_of(sys.executable, "-m", module, *args)
 
 
