@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Annotated, Generic, TypeVar
+from typing import Annotated, Any, Generic, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -43,17 +44,86 @@ def _to_utc(value: datetime) -> datetime:
 
 NoNul = AfterValidator(_no_nul)
 NO_NUL_PATTERN = "^[^\\x00]*$"  # the same rule, for the OpenAPI document
-Trimmed = StringConstraints(strip_whitespace=True, min_length=1)
 
 Documented = Field(json_schema_extra={"pattern": NO_NUL_PATTERN})
 
+# What pydantic's strip_whitespace removes (Unicode White_Space, as Rust's
+# str::trim has it), as a regex class; names and titles are trimmed of it.
+WHITE_SPACE = (
+    "\\t\\n\\x0b\\x0c\\r \\x85\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000"
+)
+
+
+def trimmed_pattern(max_length: int) -> str:
+    """A regex for text of 1 to *max_length* characters once trimmed, without NUL.
+
+    JSON Schema's minLength and maxLength count the untrimmed text, so the
+    OpenAPI document states the rule as this pattern instead.
+    """
+    inner, edge = "[^\\x00]", f"[^\\x00{WHITE_SPACE}]"
+    return f"^[{WHITE_SPACE}]*{edge}(?:{inner}{{0,{max_length - 2}}}{edge})?[{WHITE_SPACE}]*$"
+
+
+def _exactly(pattern: str) -> Callable[[dict[str, Any]], None]:
+    def document(schema: dict[str, Any]) -> None:
+        schema.pop("minLength", None)
+        schema.pop("maxLength", None)
+        schema["pattern"] = pattern
+
+    return document
+
+
+def _trimmed(max_length: int) -> Any:
+    return Field(json_schema_extra=_exactly(trimmed_pattern(max_length)))
+
+
+Trimmed = StringConstraints(strip_whitespace=True, min_length=1)
+
 # Names and titles are trimmed of surrounding white space, then must be non-empty.
-ProjectName = Annotated[str, Trimmed, StringConstraints(max_length=200), NoNul, Documented]
-TaskTitle = Annotated[str, Trimmed, StringConstraints(max_length=500), NoNul, Documented]
+ProjectName = Annotated[str, Trimmed, StringConstraints(max_length=200), NoNul, _trimmed(200)]
+TaskTitle = Annotated[str, Trimmed, StringConstraints(max_length=500), NoNul, _trimmed(500)]
 Description = Annotated[str, StringConstraints(max_length=10_000), NoNul, Documented]
+
+# Email addresses of the common ASCII form: a dot-atom local part of at most 32
+# atoms, a domain of dot-separated labels (letters and digits, single inner
+# hyphens, at most 61 characters) ending in a letters-only top-level domain;
+# white space around it is allowed and trimmed. The server enforces exactly
+# this pattern, so the OpenAPI document can state it (rather than `format:
+# email`, which refuses the surrounding white space the server trims), then
+# email-validator's checks, which all it matches pass except addresses in the
+# special-use top-level domains (.test, .local, .localhost, .onion, .arpa,
+# .invalid).
+_ATEXT = "[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
+_LABEL = "[A-Za-z0-9](?:[A-Za-z0-9]|-[A-Za-z0-9]){0,30}"
+EMAIL_PATTERN = (
+    f"^[ \\t\\r\\n]*{_ATEXT}(?:{_ATEXT}|\\.{_ATEXT}){{0,31}}"
+    f"@(?:{_LABEL}\\.)+[A-Za-z]{{2,63}}[ \\t\\r\\n]*$"
+)
+_EMAIL = re.compile(EMAIL_PATTERN)
+
+
+def _email_shape(value: str) -> str:
+    if not _EMAIL.fullmatch(value):
+        raise ValueError("is not an email address of the form the API documents")
+    return value
+
+
 Email = Annotated[
-    str, StringConstraints(max_length=254), NoNul, Field(json_schema_extra={"format": "email"})
+    str,
+    StringConstraints(max_length=254),
+    AfterValidator(_email_shape),
+    Field(
+        json_schema_extra={
+            "pattern": EMAIL_PATTERN,
+            "description": "An email address; white space around it is trimmed.",
+        }
+    ),
 ]
+
+# A task list's assignee filter: a user id in canonical form, `me` or `none`.
+ASSIGNEE_FILTER_PATTERN = (
+    "^(me|none|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})$"
+)
 
 # An RFC 3339 timestamp with an offset (422 without one), normalised to UTC.
 Timestamp = Annotated[AwareDatetime, BeforeValidator(_rfc3339), AfterValidator(_to_utc)]

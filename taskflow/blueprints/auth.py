@@ -20,6 +20,7 @@ from ..errors import APIError
 from ..limits import AUTH_LIMITS
 from ..models import AuthSession, User
 from ..openapi import documents, responds
+from ..schemas import Email
 from ..security import (
     BCRYPT_MAX_BYTES,
     REFRESH_TOKEN_LIFETIME,
@@ -63,6 +64,12 @@ class Credentials(BaseModel):
 
 
 class Registration(Credentials):
+    email: Email
+    # At most 72 bytes in UTF-8, which JSON Schema cannot say: 72 characters is its bound.
+    password: str = Field(
+        json_schema_extra={"minLength": MIN_PASSWORD_LENGTH, "maxLength": BCRYPT_MAX_BYTES}
+    )
+
     @field_validator("email")
     @classmethod
     def _email(cls, value: str) -> str:

@@ -35,7 +35,14 @@ from ..events import record_event
 from ..models import SEARCH_DOCUMENT, Project, ProjectMember, Task, TaskStatus
 from ..openapi import documents, responds
 from ..pagination import decode_cursor, encode_cursor, invalid_cursor
-from ..schemas import Description, Page, RequestModel, TaskTitle, Timestamp
+from ..schemas import (
+    ASSIGNEE_FILTER_PATTERN,
+    Description,
+    Page,
+    RequestModel,
+    TaskTitle,
+    Timestamp,
+)
 from ..security import Auth, require_auth
 from .projects import project_role
 
@@ -65,7 +72,9 @@ class TaskQuery(RequestModel):
     status: str | None = Field(
         None, pattern=STATUS_LIST, description="One or more statuses, comma-separated."
     )
-    assignee_id: str | None = Field(None, description="A user id, `me`, or `none`.")
+    assignee_id: str | None = Field(
+        None, pattern=ASSIGNEE_FILTER_PATTERN, description="A user id, `me`, or `none`."
+    )
     due_before: Timestamp | None = Field(None, description="Due strictly before this time.")
     due_after: Timestamp | None = Field(None, description="Due strictly after this time.")
     q: str | None = Field(
