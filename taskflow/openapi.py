@@ -5,7 +5,10 @@ way out); ``responds`` documents the body's model, which the tests and the
 schema fuzzer hold the route to. Each operation also lists the problem+json
 statuses it can answer with: those its decorators imply (``require_auth`` →
 401, a JSON body → 400/413/415/422, an id in the path → 404, …) plus those a
-route declares with ``documents``.
+route declares with ``documents``. Success responses carry OpenAPI links
+(``LINKS``) to the operations that take a value they return, so a client (and
+the fuzzer's stateful phase) follows real ids, cursors and members rather than
+made-up ones.
 """
 
 from __future__ import annotations
@@ -30,6 +33,81 @@ EVERY_ROUTE = (429, 500, 503)
 BEARER = "bearer"
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def link(
+    operation_id: str, body: dict[str, str] | None = None, **parameters: str
+) -> dict[str, Any]:
+    """An OpenAPI link to *operation_id*, its parameters and body fields taken
+    from this response (``$response.body#/…``) or request (``$request.path.…``)."""
+    definition: dict[str, Any] = {"operationId": operation_id, "parameters": parameters}
+    if body is not None:
+        definition["requestBody"] = body
+    return definition
+
+
+THE_PROJECT = "$response.body#/id"
+SAME_PROJECT = "$request.path.project_id"
+THE_TASK = "$response.body#/id"
+THE_TASK_ASSIGNEE = {"assignee_id": "$response.body#/assignee_id"}
+PROJECT_LINKS = {
+    "GetProject": link("get_get_project", project_id=THE_PROJECT),
+    "ReplaceProject": link("put_replace_project", project_id=THE_PROJECT),
+    "PatchProject": link("patch_patch_project", project_id=THE_PROJECT),
+    "DeleteProject": link("delete_delete_project", project_id=THE_PROJECT),
+    "ListMembers": link("get_list_members", project_id=THE_PROJECT),
+    "AddMember": link("post_add_member", project_id=THE_PROJECT),
+    "RemoveOwner": link(
+        "delete_remove_member", project_id=THE_PROJECT, user_id="$response.body#/owner_id"
+    ),
+    "ListEvents": link("get_list_events", project_id=THE_PROJECT),
+    "ListTasks": link("get_list_tasks", project_id=THE_PROJECT),
+    # The owner is a member, so may be assigned.
+    "CreateTask": link(
+        "post_create_task", {"assignee_id": "$response.body#/owner_id"}, project_id=THE_PROJECT
+    ),
+}
+TASK_LINKS = {
+    "GetTask": link("get_get_task", task_id=THE_TASK),
+    "ReplaceTask": link("put_replace_task", THE_TASK_ASSIGNEE, task_id=THE_TASK),
+    "PatchTask": link("patch_patch_task", THE_TASK_ASSIGNEE, task_id=THE_TASK),
+    "DeleteTask": link("delete_delete_task", task_id=THE_TASK),
+    "ListTasks": link("get_list_tasks", project_id="$response.body#/project_id"),
+}
+# (endpoint, status) → the links of that response.
+LINKS: dict[tuple[str, int], dict[str, Any]] = {
+    ("projects.list_projects", 200): {
+        "NextPage": link("get_list_projects", cursor="$response.body#/next_cursor")
+    },
+    ("projects.create_project", 201): PROJECT_LINKS,
+    ("projects.get_project", 200): PROJECT_LINKS,
+    ("projects.add_member", 201): {
+        "RemoveMember": link(
+            "delete_remove_member", project_id=SAME_PROJECT, user_id="$response.body#/user_id"
+        ),
+        "AssignTask": link(
+            "post_create_task", {"assignee_id": "$response.body#/user_id"}, project_id=SAME_PROJECT
+        ),
+    },
+    ("projects.list_events", 200): {
+        "NextPage": link(
+            "get_list_events", project_id=SAME_PROJECT, since="$response.body#/next_cursor"
+        )
+    },
+    ("tasks.list_tasks", 200): {
+        # A cursor belongs to its list and sort.
+        "NextPage": link(
+            "get_list_tasks",
+            project_id=SAME_PROJECT,
+            sort="$request.query.sort",
+            cursor="$response.body#/next_cursor",
+        )
+    },
+    ("tasks.create_task", 201): TASK_LINKS,
+    ("tasks.get_task", 200): TASK_LINKS,
+    ("tasks.replace_task", 200): TASK_LINKS,
+    ("tasks.patch_task", 200): TASK_LINKS,
+}
 
 
 class FieldError(BaseModel):
@@ -98,6 +176,9 @@ class TaskFlowOpenAPIProvider(OpenAPIProvider):
             else:
                 successes[str(status)], models = self.build_response_object(model, None)
                 components.update(models)
+            links = LINKS.get((rule.endpoint, status))
+            if links:
+                successes[str(status)] = {**successes[str(status)], "links": links}
         for operations in paths.values():
             for method, operation in operations.items():
                 responses = {**operation["responses"], **successes}
