@@ -1,0 +1,67 @@
+"""A check schemathesis loads for tests/test_schema_fuzz.py (``hooks`` in
+schemathesis.toml).
+
+A few rules of the contract cannot be written in JSON Schema: a cursor must
+be one the server signed, an assignee must be a member of the project, a
+password may be 72 characters but at most 72 bytes in UTF-8. For the
+operations where they apply, schemathesis.toml adds their 422 to the statuses
+a schema-valid request may get; this check holds each such 422 to exactly
+those rules: every error it reports must be on that field, for that reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import schemathesis
+
+Rule = Callable[[Any], bool]
+
+
+def _sent(value: Any) -> bool:
+    return value is not None
+
+
+def _over_72_bytes(value: Any) -> bool:
+    return isinstance(value, str) and len(value.encode()) > 72
+
+
+# operation → {field: whether the value sent breaks the unwritable rule}
+UNWRITABLE: dict[str, dict[str, Rule]] = {
+    "GET /projects": {"cursor": _sent},
+    "GET /projects/{project_id}/tasks": {"cursor": _sent},
+    "POST /projects/{project_id}/tasks": {"assignee_id": _sent},
+    "PUT /tasks/{task_id}": {"assignee_id": _sent},
+    "PATCH /tasks/{task_id}": {"assignee_id": _sent},
+    "POST /auth/register": {"password": _over_72_bytes},
+}
+
+
+def _value(case: Any, field: str) -> Any:
+    for container in (case.query, case.body):
+        if isinstance(container, dict) and field in container:
+            return container[field]
+    return None
+
+
+@schemathesis.check
+def refusals_are_the_contracts(ctx: Any, response: Any, case: Any) -> bool | None:
+    """A schema-valid request's 422 names only a rule the schema cannot state."""
+    rules = UNWRITABLE.get(case.operation.label)
+    meta = case.meta
+    if rules is None or response.status_code != 422 or meta is None:
+        return None
+    if not meta.generation.mode.is_positive:
+        return None
+    errors = response.json().get("errors") or []
+    unexplained = [
+        error
+        for error in errors
+        if not rules.get(error.get("field"), lambda _: False)(_value(case, error.get("field")))
+    ]
+    if not errors or unexplained:
+        raise AssertionError(
+            f"A schema-valid request was refused for a reason the schema could state: {errors}"
+        )
+    return None
