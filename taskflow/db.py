@@ -148,14 +148,16 @@ def session() -> AsyncSession:
     return db_session
 
 
-async def rows(db_session: AsyncSession, statement: Executable) -> Result[Any]:
+async def rows(
+    db_session: AsyncSession, statement: Executable, params: dict[str, Any] | None = None
+) -> Result[Any]:
     """Run a Core statement on the session's connection.
 
     For statements that select columns rather than ORM entities: their rows
     skip the ORM's result machinery (a tenth of a task page's CPU).
     """
     connection = await db_session.connection()
-    return await connection.execute(statement)
+    return await connection.execute(statement, params)
 
 
 def after_commit(

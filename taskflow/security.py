@@ -223,7 +223,7 @@ async def session_is_active(db_session: AsyncSession, session_id: uuid.UUID) -> 
                 AuthSession.id == session_id,
                 AuthSession.revoked_at.is_(None),
                 AuthSession.expires_at > now,
-            )
+            ),
         )
     ).first() is not None
     if redis is not None:

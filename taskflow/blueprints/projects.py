@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import AwareDatetime, BaseModel, Field
 from quart import Blueprint
 from quart_schema import validate_querystring, validate_request
-from sqlalchemy import and_, delete, select, tuple_, update
+from sqlalchemy import and_, bindparam, delete, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -38,6 +38,12 @@ def project_not_found() -> APIError:
     return APIError(404, "not_found", "Project not found.")
 
 
+ROLE_OF_MEMBER = select(ProjectMember.role).where(
+    ProjectMember.project_id == bindparam("project_id"),
+    ProjectMember.user_id == bindparam("user_id"),
+)
+
+
 async def project_role(
     db_session: AsyncSession, project_id: uuid.UUID, user_id: uuid.UUID, *, for_write: bool = False
 ) -> MemberRole:
@@ -46,14 +52,13 @@ async def project_role(
     A write also locks the project's row until the transaction ends, so that
     the project's events commit in the order of their ids.
     """
-    query = select(ProjectMember.role).where(
-        ProjectMember.project_id == project_id, ProjectMember.user_id == user_id
-    )
     if for_write:
-        query = query.join(Project, Project.id == ProjectMember.project_id).with_for_update(
-            of=Project
-        )
-    role: MemberRole | None = (await rows(db_session, query)).scalar_one_or_none()
+        query = ROLE_OF_MEMBER.join(Project, Project.id == ProjectMember.project_id)
+        query = query.with_for_update(of=Project)
+    else:
+        query = ROLE_OF_MEMBER
+    params = {"project_id": project_id, "user_id": user_id}
+    role: MemberRole | None = (await rows(db_session, query, params)).scalar_one_or_none()
     if role is None:
         raise project_not_found()
     return role
