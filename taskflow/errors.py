@@ -146,6 +146,10 @@ async def handle_http_exception(error: HTTPException) -> Response:
     if status >= 500:
         return await handle_unexpected(error)
     headers = {}
+    if status == 413:
+        # The body was left unread, so this connection cannot carry another
+        # request: say so, or a client would send its next one into the void.
+        headers["Connection"] = "close"
     if status == 405:
         valid_methods = getattr(error, "valid_methods", None) or []
         headers["Allow"] = ", ".join(sorted(valid_methods))

@@ -95,12 +95,17 @@ async def test_body_that_is_not_application_json_is_415(probe_client: Client) ->
         problem_of(response, await response.get_json(), 415, "unsupported_media_type")
 
 
-async def test_body_over_one_mebibyte_is_413(probe_client: Client) -> None:
+async def test_body_over_one_mebibyte_is_413_and_ends_the_connection(
+    probe_client: Client,
+) -> None:
     filler = "x" * (1024 * 1024)
     response = await probe_client.post(
         "/probe", data=json.dumps({"title": filler}), headers={"Content-Type": "application/json"}
     )
     problem_of(response, await response.get_json(), 413, "payload_too_large")
+    # The body was not read: a client must not send its next request on this
+    # connection (the bad-input corpus saw httpx do so and fail).
+    assert response.headers["Connection"] == "close"
 
 
 @pytest.mark.parametrize(
