@@ -84,9 +84,11 @@ ProjectName = Annotated[str, Trimmed, StringConstraints(max_length=200), NoNul, 
 TaskTitle = Annotated[str, Trimmed, StringConstraints(max_length=500), NoNul, _trimmed(500)]
 Description = Annotated[str, StringConstraints(max_length=10_000), NoNul, Documented]
 
-# Email addresses of the common ASCII form: a dot-atom local part of at most 32
-# atoms, a domain of dot-separated labels (letters and digits, single inner
-# hyphens, at most 61 characters) ending in a letters-only top-level domain;
+# Email addresses of the common ASCII form: a local part of one atom of at most
+# 64 characters, or of two or three dot-separated atoms of at most 20 (never
+# over RFC 5321's 64, with no look-ahead for schema tools to trip on); a domain
+# of dot-separated labels (letters and digits, single inner hyphens, at most 61
+# characters) ending in a letters-only top-level domain;
 # white space around it is allowed and trimmed. The server enforces exactly
 # this pattern, so the OpenAPI document can state it (rather than `format:
 # email`, which refuses the surrounding white space the server trims), then
@@ -96,7 +98,7 @@ Description = Annotated[str, StringConstraints(max_length=10_000), NoNul, Docume
 _ATEXT = "[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
 _LABEL = "[A-Za-z0-9](?:[A-Za-z0-9]|-[A-Za-z0-9]){0,30}"
 EMAIL_PATTERN = (
-    f"^[ \\t\\r\\n]*{_ATEXT}(?:{_ATEXT}|\\.{_ATEXT}){{0,31}}"
+    f"^[ \\t\\r\\n]*(?:{_ATEXT}{{1,64}}|{_ATEXT}{{1,20}}(?:\\.{_ATEXT}{{1,20}}){{1,2}})"
     f"@(?:{_LABEL}\\.)+[A-Za-z]{{2,63}}[ \\t\\r\\n]*$"
 )
 _EMAIL = re.compile(EMAIL_PATTERN)
