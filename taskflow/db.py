@@ -39,6 +39,7 @@ AnySelect = Select[*tuple[Any, ...]]
 AnyRow = Row[*tuple[Any, ...]]
 
 CONNECT_TIMEOUT_SECONDS = 5.0
+READ_METHODS = ("GET", "HEAD")  # they never write: nothing to commit
 
 
 @dataclass
@@ -141,7 +142,7 @@ def session() -> AsyncSession:
         backends_ = backends()
         sessionmaker = (
             backends_.read_sessionmaker
-            if request.method in ("GET", "HEAD")
+            if request.method in READ_METHODS
             else backends_.sessionmaker
         )
         db_session = g.db_session = sessionmaker()
@@ -183,6 +184,8 @@ async def finish_request(response: Response) -> Response:
     if db_session is None:
         return response
     try:
+        if request.method in READ_METHODS:
+            return response  # nothing to commit: closing is all a read needs
         if response.status_code < 400 or db_session.info.get("commit_even_if_refused"):
             await db_session.commit()
             for callback, args in db_session.info.get("after_commit", ()):
