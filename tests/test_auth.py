@@ -16,6 +16,7 @@ from sqlalchemy import delete
 from taskflow.config import Config
 from taskflow.db import backends
 from taskflow.models import User
+from taskflow.security import BCRYPT_QUEUE, BCRYPT_THREADS
 
 from .conftest import PASSWORD, create_user, login, problem_of, running
 
@@ -289,6 +290,37 @@ async def test_healthz_answers_while_logins_hash(environ: dict[str, str]) -> Non
         await asyncio.gather(*logins)
         # Every probe answered before the first of the 8 logins did.
         assert finished[:5] == ["healthz"] * 5
+
+
+async def test_logins_beyond_the_hashing_queue_are_503_at_once(environ: dict[str, str]) -> None:
+    config = Config.from_env(
+        {**environ, "TASKFLOW_BCRYPT_ROUNDS": "12", "TASKFLOW_AUTH_RATE_LIMIT_PER_MINUTE": "1000"}
+    )
+    async with running(config) as app:
+        client = app.test_client()
+        await create_user(client, "flood@example.com")
+        flood = 3 * (BCRYPT_THREADS + BCRYPT_QUEUE)
+
+        async def one_login() -> tuple[int, float, str | None]:
+            started = time.perf_counter()
+            response = await client.post(
+                "/auth/login", json={"email": "flood@example.com", "password": PASSWORD}
+            )
+            return (
+                response.status_code,
+                time.perf_counter() - started,
+                response.headers.get("Retry-After"),
+            )
+
+        answers = await asyncio.gather(*(one_login() for _ in range(flood)))
+    served = [answer for answer in answers if answer[0] == 200]
+    refused = [answer for answer in answers if answer[0] == 503]
+    # As many as the threads and the queue hold are served; the rest are told
+    # to come back, without waiting for a hash first.
+    assert len(served) == BCRYPT_THREADS + BCRYPT_QUEUE, answers
+    assert len(refused) == flood - len(served), answers
+    assert all(retry_after == "1" for _, _, retry_after in refused)
+    assert max(seconds for _, seconds, _ in refused) < min(seconds for _, seconds, _ in served)
 
 
 async def test_logs_never_hold_passwords_or_tokens(
