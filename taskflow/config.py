@@ -40,6 +40,8 @@ class Config:
     # Frames waiting for one slow client before it is dropped.
     ws_send_queue: int = 1024
     database_pool_size: int = 10
+    # Authorization lookups and tasks cached in Redis (for comparisons; see cache.py).
+    cache_enabled: bool = True
 
     @property
     def is_sqlite(self) -> bool:
@@ -90,6 +92,7 @@ class Config:
             ws_messages_per_second=_int(env, "TASKFLOW_WS_MESSAGES_PER_SECOND", 20, minimum=1),
             ws_send_queue=_int(env, "TASKFLOW_WS_SEND_QUEUE", 1024, minimum=1),
             database_pool_size=_int(env, "TASKFLOW_DATABASE_POOL_SIZE", 10, minimum=1),
+            cache_enabled=_bool(env, "TASKFLOW_CACHE_ENABLED", True),
         )
 
 

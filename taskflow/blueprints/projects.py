@@ -18,7 +18,8 @@ from sqlalchemy import and_, bindparam, delete, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from ..db import AnySelect, rows, session
+from .. import cache
+from ..db import AnySelect, after_commit, rows, session
 from ..errors import APIError
 from ..events import events_after, record_event
 from ..models import MemberRole, Project, ProjectMember, Task, User
@@ -42,6 +43,9 @@ ROLE_OF_MEMBER = select(ProjectMember.role).where(
     ProjectMember.project_id == bindparam("project_id"),
     ProjectMember.user_id == bindparam("user_id"),
 )
+LOCKED_ROLE_OF_MEMBER = ROLE_OF_MEMBER.join(
+    Project, Project.id == ProjectMember.project_id
+).with_for_update(of=Project)
 
 
 async def project_role(
@@ -52,16 +56,29 @@ async def project_role(
     A write also locks the project's row until the transaction ends, so that
     the project's events commit in the order of their ids.
     """
+    role: MemberRole | None
     if for_write:
-        query = ROLE_OF_MEMBER.join(Project, Project.id == ProjectMember.project_id)
-        query = query.with_for_update(of=Project)
+        params = {"project_id": project_id, "user_id": user_id}
+        role = (await rows(db_session, LOCKED_ROLE_OF_MEMBER, params)).scalar_one_or_none()
     else:
-        query = ROLE_OF_MEMBER
-    params = {"project_id": project_id, "user_id": user_id}
-    role: MemberRole | None = (await rows(db_session, query, params)).scalar_one_or_none()
+        role = await member_role(db_session, project_id, user_id)
     if role is None:
         raise project_not_found()
     return role
+
+
+async def member_role(
+    db_session: AsyncSession, project_id: uuid.UUID, user_id: uuid.UUID
+) -> MemberRole | None:
+    """The user's role in the project, if any, for a read: from the cache."""
+
+    async def load() -> bytes:
+        params = {"project_id": project_id, "user_id": user_id}
+        found = (await rows(db_session, ROLE_OF_MEMBER, params)).scalar_one_or_none()
+        return found.encode() if found is not None else b""
+
+    cached = await cache.through(cache.membership(project_id, user_id), load)
+    return MemberRole(cached.decode()) if cached else None
 
 
 def require_owner(role: MemberRole, action: str) -> None:
@@ -293,13 +310,13 @@ async def project_page(
     if cursor is not None:
         created_at, last_id = decode_position(decode_cursor(cursor, f"projects:{user_id}"))
         query = query.where(tuple_(Project.created_at, Project.id) < (created_at, last_id))
-    rows = [row._asdict() for row in await db_session.execute(query.limit(limit + 1))]
+    items = [row._asdict() for row in await db_session.execute(query.limit(limit + 1))]
     next_cursor = None
-    if len(rows) > limit:
-        rows = rows[:limit]
-        last = rows[-1]
+    if len(items) > limit:
+        items = items[:limit]
+        last = items[-1]
         next_cursor = encode_cursor(f"projects:{user_id}", [last["created_at"], last["id"]])
-    return {"items": rows, "next_cursor": next_cursor}
+    return {"items": items, "next_cursor": next_cursor}
 
 
 def decode_position(position: list[Any]) -> tuple[datetime, uuid.UUID]:
@@ -323,6 +340,7 @@ async def insert_project(
         ProjectMember(project_id=project.id, user_id=owner_id, role=MemberRole.OWNER, added_at=now)
     )
     await db_session.flush()
+    after_commit(db_session, cache.invalidate, cache.membership(project.id, owner_id))
     data = {
         "id": project.id,
         "name": name,
@@ -362,7 +380,14 @@ async def remove_project(
     # The event row goes with the project (its log is deleted too); it is
     # still published to the project's live subscribers after the commit.
     await record_event(db_session, "project.deleted", project_id, user_id, as_event_data(project))
+    members = await db_session.execute(
+        delete(ProjectMember)
+        .where(ProjectMember.project_id == project_id)
+        .returning(ProjectMember.user_id)
+    )
+    names = [cache.membership(project_id, member_id) for member_id in members.scalars()]
     await db_session.execute(delete(Project).where(Project.id == project_id))
+    after_commit(db_session, cache.invalidate, *names)
 
 
 MEMBER_FIELDS = (ProjectMember.user_id, User.email, ProjectMember.role, ProjectMember.added_at)
@@ -394,6 +419,7 @@ async def insert_member(
         await db_session.flush()
     except IntegrityError:
         raise APIError(409, "conflict", "That user is already a member.") from None
+    after_commit(db_session, cache.invalidate, cache.membership(project_id, user.id))
     data = {
         "user_id": user.id,
         "email": user.email,
@@ -426,9 +452,12 @@ async def delete_member(
             ProjectMember.project_id == project_id, ProjectMember.user_id == user_id
         )
     )
-    await db_session.execute(
+    unassigned = await db_session.execute(
         update(Task)
         .where(Task.project_id == project_id, Task.assignee_id == user_id)
         .values(assignee_id=None, version=Task.version + 1, updated_at=datetime.now(UTC))
+        .returning(Task.id)
     )
+    names = [cache.task(task_id) for task_id in unassigned.scalars()]
+    after_commit(db_session, cache.invalidate, cache.membership(project_id, user_id), *names)
     await record_event(db_session, "member.removed", project_id, caller_id, row._asdict())

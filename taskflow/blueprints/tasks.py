@@ -13,6 +13,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+import orjson
 from pydantic import AwareDatetime, BaseModel, Field, field_validator
 from quart import Blueprint, request
 from quart_schema import validate_querystring, validate_request
@@ -32,9 +33,11 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.expression import TextClause
 
-from ..db import AnyRow, AnySelect, rows, session
+from .. import cache
+from ..db import AnyRow, AnySelect, after_commit, rows, session
 from ..errors import APIError, validation_failed
 from ..events import record_event
+from ..jsonio import dumps
 from ..models import SEARCH_DOCUMENT, Project, ProjectMember, Task, TaskStatus
 from ..openapi import documents, responds
 from ..pagination import decode_cursor, encode_cursor, invalid_cursor
@@ -47,7 +50,7 @@ from ..schemas import (
     Timestamp,
 )
 from ..security import Auth, require_auth
-from .projects import project_role
+from .projects import member_role, project_role
 
 blueprint = Blueprint("tasks", __name__)
 
@@ -140,11 +143,20 @@ async def create_task(
 @responds(TaskOut)
 async def get_task(auth: Auth, task_id: uuid.UUID) -> tuple[dict[str, Any], int, dict[str, str]]:
     """Get a task of a project the caller is a member of, with its `ETag`."""
-    params = {"user_id": auth.user_id, "task_id": task_id}
-    row = (await rows(session(), TASK_OF_MEMBER, params)).first()
-    if row is None:
+    db_session = session()
+
+    async def load() -> bytes:
+        row = (await rows(db_session, TASK_BY_ID, {"task_id": task_id})).first()
+        return dumps({**task_of(row), "version": row.version}) if row is not None else b""
+
+    cached = await cache.through(cache.task(task_id), load)
+    task = orjson.loads(cached) if cached else None
+    if task is None or not await member_role(
+        db_session, uuid.UUID(task["project_id"]), auth.user_id
+    ):
         raise task_not_found()
-    return task_of(row), 200, {"ETag": etag(row.version)}
+    version = task.pop("version")
+    return task, 200, {"ETag": etag(version)}
 
 
 @blueprint.put("/tasks/<uuid:task_id>")
@@ -226,6 +238,7 @@ def etag(version: int) -> str:
     return f'"{version}"'
 
 
+TASK_BY_ID = select(*TASK_FIELDS, Task.version).where(Task.id == bindparam("task_id"))
 # A task with its version, found only through the caller's membership.
 TASK_OF_MEMBER = (
     select(*TASK_FIELDS, Task.version)
@@ -319,6 +332,7 @@ async def update_task(
         if before[field] != after[field]
     }
     await record_event(db_session, "task.updated", current.project_id, user_id, after, changes)
+    after_commit(db_session, cache.invalidate, cache.task(task_id))
     return after, row.version
 
 
@@ -326,6 +340,7 @@ async def remove_task(db_session: AsyncSession, task_id: uuid.UUID, user_id: uui
     current = await locked_task(db_session, task_id, user_id)
     await db_session.execute(delete(Task).where(Task.id == task_id))
     await record_event(db_session, "task.deleted", current.project_id, user_id, task_of(current))
+    after_commit(db_session, cache.invalidate, cache.task(task_id))
 
 
 async def task_page(
