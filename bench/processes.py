@@ -24,6 +24,22 @@ def free_port() -> int:
         return port
 
 
+def cpu_seconds_of(command: str) -> float:
+    """CPU time spent so far by this machine's processes named *command*
+    (PostgreSQL's backends, when it runs on this machine; 0 when it does not)."""
+    ticks = 0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                name, _, fields = stat.read().partition(" (")[2].rpartition(") ")
+        except OSError:
+            continue  # gone meanwhile
+        if name == command:
+            values = fields.split()
+            ticks += int(values[11]) + int(values[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 @asynccontextmanager
 async def process(*argv: str, **options: Any) -> AsyncIterator[asyncio.subprocess.Process]:
     """A child process, terminated if it is still running when the block ends."""

@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .processes import output_of
+from .processes import cpu_seconds_of, output_of
 
 HERE = Path(__file__).resolve().parent
 
@@ -18,6 +18,8 @@ class Result:
     p50_ms: float
     p99_ms: float
     errors: int  # non-2xx responses, connections that failed or timed out
+    shed: int = 0  # 503s a script counted apart: load refused on purpose
+    postgres_us: float = float("nan")  # PostgreSQL's CPU per request, if it runs here
 
 
 async def wrk(
@@ -38,7 +40,9 @@ async def wrk(
     if script is not None:
         command_line += ["-s", str(HERE / script)]
     command_line += [url, "--", *script_args]
+    postgres_before = cpu_seconds_of("postgres")
     output = await output_of(*command_line)
+    postgres_seconds = cpu_seconds_of("postgres") - postgres_before
 
     def millis(label: str) -> float:
         match = re.search(rf"{label}\s+([\d.]+)(us|ms|s)", output)
@@ -52,9 +56,17 @@ async def wrk(
     socket_errors = re.search(
         r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output
     )
-    errors = (int(non_2xx[1]) if non_2xx else 0) + (
+    # A script that sorts the statuses itself (login.lua) says which are errors.
+    unexpected = re.search(r"Unexpected responses: (\d+)", output)
+    shed = re.search(r"Shed responses: (\d+)", output)
+    errors = (int(unexpected[1]) if unexpected else int(non_2xx[1]) if non_2xx else 0) + (
         sum(int(count) for count in socket_errors.groups()) if socket_errors else 0
     )
     if re.search(r"\n\s*0 requests in", output):
         errors += 1  # nothing answered in the whole run: that is a failure too
-    return Result(name, rps, millis("50%"), millis("99%"), errors)
+    requests = int(re.search(r"(\d+) requests in", output)[1])  # type: ignore[index]
+    return Result(
+        name, rps, millis("50%"), millis("99%"), errors, int(shed[1]) if shed else 0,
+        # Backends that exit meanwhile take their CPU time along: no figure then.
+        postgres_seconds / requests * 1e6 if requests and postgres_seconds >= 0 else float("nan"),
+    )  # fmt: skip
