@@ -263,12 +263,15 @@ async def scale_part(admin: str, scale: Scale, report: Report) -> None:
 
 
 def print_tables(report: Report) -> None:
-    print("| measurement | req/s | p50 ms | p99 ms | errors | shed (503) | PostgreSQL µs/req |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print(
+        "| measurement | req/s | p50 ms | p99 ms | errors | shed (503) "
+        "| PostgreSQL µs/req | Redis µs/req |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for result in report.results:
         print(f"| {result.name} | {result.requests_per_second:,.0f} | {result.p50_ms:.1f} "
               f"| {result.p99_ms:.1f} | {result.errors} | {result.shed} "
-              f"| {result.postgres_us:,.0f} |")  # fmt: skip
+              f"| {result.postgres_us:,.0f} | {result.redis_us:,.0f} |")  # fmt: skip
     if report.cache_gains:
         print("\nThe cache: " + "; ".join(report.cache_gains) + ".")
     print("\n| target | measured | met |")

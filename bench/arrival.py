@@ -6,7 +6,10 @@ Request n is due at start + n / rate whether or not earlier ones have
 answered, and its latency runs from that due time, so a server that stalls
 is charged for every request it held up (no coordinated omission). Requests
 go over raw keep-alive HTTP/1.1 connections, a new one whenever none is
-idle (at most 64), so the client spends little CPU. Prints JSON: sent,
+idle (at most 64), so the client spends little CPU; idle ones are reused
+oldest first, which spreads the load over all of them (and so over the
+server's workers) and never leaves one idle past the server's keep-alive
+timeout. Prints JSON: sent,
 p50_ms, p99_ms, errors (non-2xx answers and failed requests), connections
 (how many it opened).
 """
@@ -18,6 +21,7 @@ import asyncio
 import json
 import re
 import time
+from collections import deque
 from urllib.parse import urlsplit
 
 import uvloop
@@ -40,7 +44,7 @@ class Client:
             f"GET {target} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
             f"Authorization: Bearer {token}\r\n\r\n"
         ).encode()
-        self.idle: list[Connection] = []
+        self.idle: deque[Connection] = deque()
         self.slots = asyncio.Semaphore(MAX_CONNECTIONS)
         self.latencies: list[float] = []
         self.errors = 0
@@ -48,7 +52,7 @@ class Client:
 
     async def send(self, due: float) -> None:
         async with self.slots:
-            connection = self.idle.pop() if self.idle else None
+            connection = self.idle.popleft() if self.idle else None
             try:
                 async with asyncio.timeout(TIMEOUT_SECONDS):
                     if connection is None:

@@ -20,6 +20,7 @@ class Result:
     errors: int  # non-2xx responses, connections that failed or timed out
     shed: int = 0  # 503s a script counted apart: load refused on purpose
     postgres_us: float = float("nan")  # PostgreSQL's CPU per request, if it runs here
+    redis_us: float = float("nan")  # Redis's, likewise
 
 
 async def wrk(
@@ -40,9 +41,10 @@ async def wrk(
     if script is not None:
         command_line += ["-s", str(HERE / script)]
     command_line += [url, "--", *script_args]
-    postgres_before = cpu_seconds_of("postgres")
+    postgres_before, redis_before = cpu_seconds_of("postgres"), cpu_seconds_of("redis-server")
     output = await output_of(*command_line)
     postgres_seconds = cpu_seconds_of("postgres") - postgres_before
+    redis_seconds = cpu_seconds_of("redis-server") - redis_before
 
     def millis(label: str) -> float:
         match = re.search(rf"{label}\s+([\d.]+)(us|ms|s)", output)
@@ -65,8 +67,12 @@ async def wrk(
     if re.search(r"\n\s*0 requests in", output):
         errors += 1  # nothing answered in the whole run: that is a failure too
     requests = int(re.search(r"(\d+) requests in", output)[1])  # type: ignore[index]
+
+    def per_request_us(seconds: float) -> float:
+        # A process that exits meanwhile takes its CPU time along: no figure then.
+        return seconds / requests * 1e6 if requests and seconds >= 0 else float("nan")
+
     return Result(
         name, rps, millis("50%"), millis("99%"), errors, int(shed[1]) if shed else 0,
-        # Backends that exit meanwhile take their CPU time along: no figure then.
-        postgres_seconds / requests * 1e6 if requests and postgres_seconds >= 0 else float("nan"),
+        per_request_us(postgres_seconds), per_request_us(redis_seconds),
     )  # fmt: skip
