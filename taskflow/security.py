@@ -56,10 +56,12 @@ log = logging.getLogger(__name__)
 
 # bcrypt runs in threads, one per core, at the lowest CPU priority: under a
 # flood of logins the event loop, and with it every other request, keeps the
-# cores. Hashes beyond a short queue are refused with a 503 at once rather than
-# left to wait for seconds.
+# cores. Hashes beyond a short queue are refused with a 503 at once, and one
+# that the busy cores have not finished within a few seconds is given up: a
+# client is better told to come back than left hanging.
 BCRYPT_THREADS = os.cpu_count() or 1
 BCRYPT_QUEUE = 4 * BCRYPT_THREADS
+BCRYPT_DEADLINE_SECONDS = 5.0
 BCRYPT_RETRY_AFTER_SECONDS = 1
 
 
@@ -81,18 +83,26 @@ def _config() -> Config:
 # Passwords
 
 
+def _too_many_sign_ins() -> APIError:
+    return APIError(
+        503,
+        "service_unavailable",
+        "Too many sign-ins at once; try again shortly.",
+        headers={"Retry-After": str(BCRYPT_RETRY_AFTER_SECONDS)},
+    )
+
+
 async def _in_bcrypt_thread(function: Callable[..., Any], *args: Any) -> Any:
     global _bcrypt_pending
     if _bcrypt_pending >= BCRYPT_THREADS + BCRYPT_QUEUE:
-        raise APIError(
-            503,
-            "service_unavailable",
-            "Too many sign-ins at once; try again shortly.",
-            headers={"Retry-After": str(BCRYPT_RETRY_AFTER_SECONDS)},
-        )
+        raise _too_many_sign_ins()
     _bcrypt_pending += 1
     try:
-        return await asyncio.get_running_loop().run_in_executor(_bcrypt_threads, function, *args)
+        async with asyncio.timeout(BCRYPT_DEADLINE_SECONDS):
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(_bcrypt_threads, function, *args)
+    except TimeoutError:
+        raise _too_many_sign_ins() from None
     finally:
         _bcrypt_pending -= 1
 
