@@ -54,6 +54,15 @@ WHITE_SPACE = (
 )
 
 
+# Search text: words separated by that same white space; at least one word.
+WORDS_PATTERN = f"^[^\\x00]*[^\\x00{WHITE_SPACE}][^\\x00]*$"
+_WORD_SEPARATOR = re.compile(f"[{WHITE_SPACE}]+")
+
+
+def words_of(text: str) -> list[str]:
+    return [word for word in _WORD_SEPARATOR.split(text) if word]
+
+
 def trimmed_pattern(max_length: int) -> str:
     """A regex for text of 1 to *max_length* characters once trimmed, without NUL.
 

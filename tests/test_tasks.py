@@ -292,6 +292,10 @@ async def test_filters_and_search(
     assert await matching("q=PARTY") == {"Launch party"}
     assert await matching("q=launch&status=pending") == {"Launch party"}
     assert await matching("q=nothing-like-it") == set()
+    # Words are separated by white space as the OpenAPI pattern has it: U+3000
+    # separates, a control character such as U+001C is a (matchless) word.
+    assert await matching("q=release%E3%80%80launch") == {"beta"}
+    assert await matching("q=%1C") == set()
 
 
 @pytest.mark.parametrize(
@@ -317,6 +321,8 @@ async def test_filters_and_search(
         "cursor=YWJj.ZGVm",
         "q=",
         "q=%00",
+        "q=%20%09",
+        "q=%E2%80%A8",  # U+2028, white space too (found by schemathesis)
         "unknown=1",
         "limit=1&limit=2",
     ],

@@ -43,11 +43,13 @@ from ..openapi import documents, responds
 from ..pagination import decode_cursor, encode_cursor, invalid_cursor
 from ..schemas import (
     ASSIGNEE_FILTER_PATTERN,
+    WORDS_PATTERN,
     Description,
     Page,
     RequestModel,
     TaskTitle,
     Timestamp,
+    words_of,
 )
 from ..security import Auth, require_auth
 from .projects import member_role, project_role
@@ -84,7 +86,11 @@ class TaskQuery(RequestModel):
     due_before: Timestamp | None = Field(None, description="Due strictly before this time.")
     due_after: Timestamp | None = Field(None, description="Due strictly after this time.")
     q: str | None = Field(
-        None, min_length=1, max_length=200, description="Words to find in title or description."
+        None,
+        min_length=1,
+        max_length=200,
+        json_schema_extra={"pattern": WORDS_PATTERN},
+        description="Words to find in title or description.",
     )
     sort: Sort = Field("-created_at", description="Tasks with no due date sort last.")
     limit: int = Field(50, ge=1, le=100)
@@ -100,7 +106,7 @@ class TaskQuery(RequestModel):
     @field_validator("q")
     @classmethod
     def _words(cls, value: str | None) -> str | None:
-        if value is not None and ("\x00" in value or not value.split()):
+        if value is not None and ("\x00" in value or not words_of(value)):
             raise ValueError("must contain words")
         return value
 
@@ -398,7 +404,7 @@ def filter_params(query: TaskQuery, user_id: uuid.UUID, params: dict[str, Any]) 
         filters.append("due_after")
         params["due_after"] = query.due_after
     if query.q is not None:
-        words = query.q.split()
+        words = words_of(query.q)
         filters.append(f"words:{len(words)}")
         params["words"] = query.q
         for n, word in enumerate(words):
