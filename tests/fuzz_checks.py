@@ -3,7 +3,9 @@ schemathesis.toml).
 
 A few rules of the contract cannot be written in JSON Schema: a cursor must
 be one the server signed, an assignee must be a member of the project, a
-password may be 72 characters but at most 72 bytes in UTF-8. For the
+password may be 72 characters but at most 72 bytes in UTF-8, a timestamp must
+fall within years 1 to 9999 once turned to UTC (0001-01-01T00:30:00+01:00 does
+not). For the
 operations where they apply, schemathesis.toml adds their 422 to the statuses
 a schema-valid request may get; this check holds each such 422 to exactly
 those rules: every error it reports must be on that field, for that reason.
@@ -12,6 +14,7 @@ those rules: every error it reports must be on that field, for that reason.
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import schemathesis
@@ -27,13 +30,27 @@ def _over_72_bytes(value: Any) -> bool:
     return isinstance(value, str) and len(value.encode()) > 72
 
 
+def _outside_utc_years(value: Any) -> bool:
+    try:
+        datetime.fromisoformat(value).astimezone(UTC)
+    except OverflowError:
+        return True
+    except (TypeError, ValueError):
+        return False
+    return False
+
+
 # operation → {field: whether the value sent breaks the unwritable rule}
 UNWRITABLE: dict[str, dict[str, Rule]] = {
     "GET /projects": {"cursor": _sent},
-    "GET /projects/{project_id}/tasks": {"cursor": _sent},
-    "POST /projects/{project_id}/tasks": {"assignee_id": _sent},
-    "PUT /tasks/{task_id}": {"assignee_id": _sent},
-    "PATCH /tasks/{task_id}": {"assignee_id": _sent},
+    "GET /projects/{project_id}/tasks": {
+        "cursor": _sent,
+        "due_before": _outside_utc_years,
+        "due_after": _outside_utc_years,
+    },
+    "POST /projects/{project_id}/tasks": {"assignee_id": _sent, "due_date": _outside_utc_years},
+    "PUT /tasks/{task_id}": {"assignee_id": _sent, "due_date": _outside_utc_years},
+    "PATCH /tasks/{task_id}": {"assignee_id": _sent, "due_date": _outside_utc_years},
     "POST /auth/register": {"password": _over_72_bytes},
 }
 
