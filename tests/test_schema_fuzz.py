@@ -61,5 +61,9 @@ async def test_schemathesis_finds_nothing(app: Quart, environ: dict[str, str]) -
                 st.kill()
                 await st.wait()
     report = output.decode(errors="replace")
+    # A failed check makes st exit non-zero. A warning does not, nor should
+    # it fail this test: schemathesis warns, now and then, that random ids
+    # kept finding nothing (404) for an operation the stateful phase reached
+    # too rarely.
     assert st.returncode == 0, report
-    assert "No issues found" in report, report
+    assert "FAILURES" not in report, report
