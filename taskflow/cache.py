@@ -16,7 +16,6 @@ see the old value, on any instance.
 from __future__ import annotations
 
 import logging
-import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import cast
@@ -24,17 +23,17 @@ from typing import cast
 from quart import current_app
 from redis.exceptions import RedisError
 
-from .db import backends
+from .db import RedisBackoff, backends
 
 ENTRY_SECONDS = 60
 # A generation outlives the entries filled under it by far more than any
 # reader takes between its database read and its fill.
 GENERATION_SECONDS = ENTRY_SECONDS + 600
-REDIS_RETRY_SECONDS = 1.0
-
 log = logging.getLogger(__name__)
 
-_redis_down_until = 0.0
+_backoff = RedisBackoff(
+    log, "the cache is bypassed while Redis does not answer", "the cache is used again"
+)
 
 
 def membership(project_id: uuid.UUID, user_id: uuid.UUID) -> str:
@@ -54,28 +53,18 @@ def _generation_key(name: str) -> str:
     return f"taskflow:cache-generation:{name}"
 
 
-def _redis_failed(error: Exception) -> None:
-    global _redis_down_until
-    if _redis_down_until == 0.0:
-        log.warning("the cache is bypassed while Redis does not answer: %s", type(error).__name__)
-    _redis_down_until = time.monotonic() + REDIS_RETRY_SECONDS
-
-
 async def through(name: str, load: Callable[[], Awaitable[bytes]]) -> bytes:
     """The cached value of *name*, or ``load()``'s, which is then cached."""
     redis = backends().redis
-    if (
-        redis is None
-        or not current_app.config["TASKFLOW"].cache_enabled
-        or time.monotonic() < _redis_down_until
-    ):
+    if redis is None or not current_app.config["TASKFLOW"].cache_enabled or not _backoff.ready():
         return await load()
     try:
         # The client returns bytes: it is not made with decode_responses.
         found = cast(list[bytes | None], await redis.mget(_entry_key(name), _generation_key(name)))
     except (RedisError, OSError) as error:
-        _redis_failed(error)
+        _backoff.failed(error)
         return await load()
+    _backoff.answered()
     entry, generation = found[0], found[1] or b"0"
     if entry is not None:
         filled_under, _, value = entry.partition(b":")
@@ -85,7 +74,7 @@ async def through(name: str, load: Callable[[], Awaitable[bytes]]) -> bytes:
     try:
         await redis.set(_entry_key(name), generation + b":" + value, ex=ENTRY_SECONDS)
     except (RedisError, OSError) as error:
-        _redis_failed(error)
+        _backoff.failed(error)
     return value
 
 

@@ -12,6 +12,8 @@ way, and the BEGIN and COMMIT round trips are saved.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -80,6 +82,31 @@ class Backends:
         if self.redis is not None:
             await self.redis.aclose()
         await self.engine.dispose()
+
+
+class RedisBackoff:
+    """After a Redis error, leave Redis alone for a second (its users fall back
+    meanwhile); warn when that starts and when Redis answers again, not on
+    every request."""
+
+    RETRY_SECONDS = 1.0
+
+    def __init__(self, logger: logging.Logger, down: str, up: str) -> None:
+        self._log, self._down, self._up = logger, down, up
+        self._until = 0.0
+
+    def ready(self) -> bool:
+        return time.monotonic() >= self._until
+
+    def failed(self, error: Exception) -> None:
+        if self._until == 0.0:
+            self._log.warning("%s: %s", self._down, error)
+        self._until = time.monotonic() + self.RETRY_SECONDS
+
+    def answered(self) -> None:
+        if self._until:
+            self._log.warning(self._up)
+            self._until = 0.0
 
 
 def _json_dumps(value: Any) -> str:

@@ -22,13 +22,11 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from .config import Config
-from .db import backends
+from .db import RedisBackoff, backends
 from .errors import APIError
 from .security import bearer_claims
 
 log = logging.getLogger(__name__)
-
-REDIS_RETRY_SECONDS = 1.0
 
 # KEYS[1]: the bucket. ARGV: emission interval and burst tolerance, in µs.
 # Returns {allowed, µs until a request would be allowed, µs until the bucket is full}.
@@ -89,12 +87,16 @@ class Buckets:
 
     def __init__(self) -> None:
         self.memory = MemoryBuckets()
-        self._redis_down_until = 0.0
+        self._backoff = RedisBackoff(
+            log,
+            "rate limits fall back to process memory",
+            "rate limits are shared through Redis again",
+        )
         self._script: AsyncScript | None = None
 
     async def acquire(self, key: str, limit: RateLimit) -> Decision:
         redis = backends().redis
-        if redis is not None and time.monotonic() >= self._redis_down_until:
+        if redis is not None and self._backoff.ready():
             interval = limit.inverse * 1_000_000
             tolerance = limit.period.total_seconds() * 1_000_000 - interval
             if self._script is None or self._script.registered_client is not redis:
@@ -104,13 +106,9 @@ class Buckets:
                     keys=[f"taskflow:limit:{key}"], args=[int(interval), int(tolerance)]
                 )
             except (RedisError, OSError) as error:
-                if self._redis_down_until == 0.0:
-                    log.warning("rate limits fall back to process memory: %s", error)
-                self._redis_down_until = time.monotonic() + REDIS_RETRY_SECONDS
+                self._backoff.failed(error)
             else:
-                if self._redis_down_until:
-                    log.warning("rate limits are shared through Redis again")
-                    self._redis_down_until = 0.0
+                self._backoff.answered()
                 return Decision.of(limit, bool(allowed), wait_us, full_us)
         return self.memory.acquire(key, limit)
 

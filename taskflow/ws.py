@@ -27,7 +27,7 @@ from quart import Blueprint, Quart, current_app, websocket
 from quart_rate_limiter import RateLimit
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from .blueprints.projects import project_role
+from .blueprints.projects import member_role
 from .broker import Broker, RedisBroker
 from .config import Config
 from .db import backends
@@ -422,8 +422,8 @@ class Connection:
             self._unsubscribe(self.subscriptions[project_id])
         # Short sessions, never two at once: on SQLite each holds the lock.
         async with backends().sessionmaker() as db_session:
-            member = await is_member(db_session, uuid.UUID(project_id), uuid.UUID(self.user_id))
-        if not member:
+            role = await member_role(db_session, uuid.UUID(project_id), uuid.UUID(self.user_id))
+        if role is None:
             self.enqueue(text({"type": "error", "code": "not_found", "project_id": project_id}))
             return
         subscription = Subscription(self, project_id)
@@ -473,14 +473,6 @@ class Connection:
                 await websocket.send(await self.outbox.get())
         finally:
             self.done.set()
-
-
-async def is_member(db_session: AsyncSession, project_id: uuid.UUID, user_id: uuid.UUID) -> bool:
-    try:
-        await project_role(db_session, project_id, user_id)
-    except APIError:
-        return False
-    return True
 
 
 async def replay(
