@@ -5,7 +5,7 @@ from __future__ import annotations
 from quart import Quart
 from quart_schema import Info, QuartSchema, tag_blueprint
 
-from . import db, errors, limits, logs, ws
+from . import db, errors, limits, logs, passwords, ws
 from .blueprints import auth, ops, projects, tasks
 from .config import Config
 from .jsonio import JSONRequest, ORJSONProvider
@@ -42,14 +42,11 @@ def create_app(config: Config | None = None) -> Quart:
         QUART_SCHEMA_SWAGGER_CSS_URL="/docs/assets/swagger-ui.css",
     )
 
+    logs.init_app(app)  # first: its hooks wrap everyone else's
     schema.init_app(app)
-    # quart-schema wraps make_response to turn returned models into dicts, and
-    # in doing so runs every returned dict through a fresh pydantic TypeAdapter
-    # (a tenth of a task page's CPU). Routes here return plain data, which
-    # orjson serialises directly: keep Quart's own make_response.
-    del app.make_response
+    # quart-schema installs its own JSON provider; responses here are orjson's.
     app.json = ORJSONProvider(app)
-    logs.init_app(app)
+    passwords.init_app(app, config.bcrypt_rounds)
     db.init_app(app, config)
     errors.init_app(app)
     limits.init_app(app, config)

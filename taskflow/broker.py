@@ -1,18 +1,17 @@
-"""The event broker: committed events fanned out to this process's listeners.
+"""The event broker: committed events carried to every process of the deployment.
 
 The database's event log is the truth; the broker only makes delivery fast.
-With Redis, every process holds one pub/sub connection and fans each message
-out in memory to its own listeners; without Redis (the embedded default, a
-single process) publishing hands the event straight to the listeners.
+With Redis, every process holds one pub/sub connection and hands each message
+to its sinks (the WebSocket hub, in ``streams``); without Redis (the embedded
+default, a single process) publishing hands the message straight to them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections import defaultdict
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
 import orjson
 import redis.asyncio as aioredis
@@ -20,8 +19,10 @@ from redis.exceptions import RedisError
 
 from .jsonio import dumps
 
-EventDict = dict[str, Any]
-Listener = Callable[[EventDict], None]
+if TYPE_CHECKING:
+    from .data.events import Published
+
+    Sink = Callable[[Published], None]
 
 CHANNEL = "taskflow:events"
 RECONNECT_DELAY_SECONDS = 0.5
@@ -32,28 +33,29 @@ log = logging.getLogger(__name__)
 
 
 class Broker:
-    """Keeps the listeners per project; subclasses decide how events arrive.
+    """Hands every published message to this process's sinks.
 
-    Listeners are plain callables that must not block: they hand the event to
-    a queue of their own.
+    Sinks are plain callables that must not block: they hand the message to a
+    queue of their own.
     """
 
     def __init__(self) -> None:
-        self._listeners: defaultdict[str, set[Listener]] = defaultdict(set)
+        self._sinks: list[Sink] = []
 
-    def add_listener(self, project_id: str, listener: Listener) -> None:
-        self._listeners[project_id].add(listener)
+    def subscribe(self, sink: Sink) -> None:
+        self._sinks.append(sink)
 
-    def remove_listener(self, project_id: str, listener: Listener) -> None:
-        listeners = self._listeners.get(project_id)
-        if listeners is not None:
-            listeners.discard(listener)
-            if not listeners:
-                del self._listeners[project_id]
+    def unsubscribe(self, sink: Sink) -> None:
+        self._sinks.remove(sink)
 
-    def dispatch(self, event: EventDict) -> None:
-        for listener in tuple(self._listeners.get(event["project_id"], ())):
-            listener(event)
+    def dispatch(self, message: Published) -> None:
+        for sink in tuple(self._sinks):
+            sink(message)
+
+    @property
+    def connected(self) -> bool:
+        """Whether messages published elsewhere reach this process right now."""
+        return True
 
     async def start(self) -> None:
         return None
@@ -61,13 +63,13 @@ class Broker:
     async def close(self) -> None:
         return None
 
-    async def publish(self, event: EventDict) -> None:
+    async def publish(self, message: Published) -> None:
         raise NotImplementedError
 
 
 class InProcessBroker(Broker):
-    async def publish(self, event: EventDict) -> None:
-        self.dispatch(event)
+    async def publish(self, message: Published) -> None:
+        self.dispatch(message)
 
 
 class RedisBroker(Broker):
@@ -77,6 +79,10 @@ class RedisBroker(Broker):
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self.subscribed = asyncio.Event()
+
+    @property
+    def connected(self) -> bool:
+        return self.subscribed.is_set()
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._receive_forever(), name="redis-broker")
@@ -88,11 +94,11 @@ class RedisBroker(Broker):
         if self._task is not None:
             await self._task
 
-    async def publish(self, event: EventDict) -> None:
+    async def publish(self, message: Published) -> None:
         # The event is already committed to the log; a Redis outage must not
         # fail the request that wrote it. Subscribers catch up from the log.
         try:
-            await self._redis.publish(CHANNEL, dumps(event))
+            await self._redis.publish(CHANNEL, dumps(message))
         except (RedisError, OSError) as error:
             log.warning("event not published: %s", type(error).__name__)
 

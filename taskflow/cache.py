@@ -1,12 +1,13 @@
 """A read-through cache in Redis, with the database as the truth.
 
 It holds what authorization and the busiest reads look up again and again:
-a caller's role in a project, and a task. Entries are bounded by a TTL; a
-write invalidates the names it changed after its commit, for every instance
-at once, since they all read the same Redis. Without Redis, or while it does
-not answer, every read goes to the database.
+a caller's role in a project, and a task (their keys are made where those are
+read: ``access.role_key``, ``data.tasks.task_key``). Entries are bounded by a
+TTL; a write invalidates the keys it changed after its commit, for every
+instance at once, since they all read the same Redis. Without Redis, or while
+it does not answer, every read goes to the database.
 
-An invalidation bumps the name's *generation*, and an entry counts only if it
+An invalidation bumps the key's *generation*, and an entry counts only if it
 was filled under the current generation. So a reader that fetched the old row
 just before a write committed, and stores it just after the invalidation,
 stores an entry that is already void: no read after a successful write can
@@ -16,9 +17,9 @@ see the old value, on any instance.
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import Awaitable, Callable
-from typing import cast
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar, cast
 
 from quart import current_app
 from redis.exceptions import RedisError
@@ -35,59 +36,61 @@ _backoff = RedisBackoff(
     log, "the cache is bypassed while Redis does not answer", "the cache is used again"
 )
 
-
-def membership(project_id: uuid.UUID, user_id: uuid.UUID) -> str:
-    """The name of a user's role in a project (or of their having none)."""
-    return f"member:{project_id}:{user_id}"
+T = TypeVar("T")
 
 
-def task(task_id: uuid.UUID) -> str:
-    return f"task:{task_id}"
+@dataclass(frozen=True)
+class CacheKey(Generic[T]):
+    """What is cached under *name*, and how its value is stored in Redis."""
+
+    name: str
+    encode: Callable[[T], bytes]
+    decode: Callable[[bytes], T]
+
+    @property
+    def entry(self) -> str:
+        return f"taskflow:cache:{self.name}"
+
+    @property
+    def generation(self) -> str:
+        return f"taskflow:cache-generation:{self.name}"
 
 
-def _entry_key(name: str) -> str:
-    return f"taskflow:cache:{name}"
-
-
-def _generation_key(name: str) -> str:
-    return f"taskflow:cache-generation:{name}"
-
-
-async def through(name: str, load: Callable[[], Awaitable[bytes]]) -> bytes:
-    """The cached value of *name*, or ``load()``'s, which is then cached."""
+async def through(key: CacheKey[T], load: Callable[[], Awaitable[T]]) -> T:
+    """The cached value of *key*, or ``load()``'s, which is then cached."""
     redis = backends().redis
     if redis is None or not current_app.config["TASKFLOW"].cache_enabled or not _backoff.ready():
         return await load()
     try:
         # The client returns bytes: it is not made with decode_responses.
-        found = cast(list[bytes | None], await redis.mget(_entry_key(name), _generation_key(name)))
+        found = cast(list[bytes | None], await redis.mget(key.entry, key.generation))
     except (RedisError, OSError) as error:
         _backoff.failed(error)
         return await load()
     _backoff.answered()
     entry, generation = found[0], found[1] or b"0"
     if entry is not None:
-        filled_under, _, value = entry.partition(b":")
+        filled_under, _, stored = entry.partition(b":")
         if filled_under == generation:
-            return value
+            return key.decode(stored)
     value = await load()
     try:
-        await redis.set(_entry_key(name), generation + b":" + value, ex=ENTRY_SECONDS)
+        await redis.set(key.entry, generation + b":" + key.encode(value), ex=ENTRY_SECONDS)
     except (RedisError, OSError) as error:
         _backoff.failed(error)
     return value
 
 
-async def invalidate(*names: str) -> None:
-    """Void the entries of *names* everywhere; called once the change committed."""
+async def invalidate(*keys: CacheKey[Any]) -> None:
+    """Void the entries of *keys* everywhere; called once the change committed."""
     redis = backends().redis
-    if redis is None or not names:
+    if redis is None or not keys:
         return
     try:
         async with redis.pipeline(transaction=False) as pipeline:
-            for name in names:
-                pipeline.incr(_generation_key(name))
-                pipeline.expire(_generation_key(name), GENERATION_SECONDS)
+            for key in keys:
+                pipeline.incr(key.generation)
+                pipeline.expire(key.generation, GENERATION_SECONDS)
             await pipeline.execute()
     except (RedisError, OSError) as error:
         # Readers bypass the cache while Redis is away; were it to come back

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
-import signal
 from pathlib import Path
 
 from alembic import command
@@ -23,32 +21,19 @@ def migrate() -> None:
 
 
 def serve(host: str, port: int) -> None:
-    import uvloop
-    from hypercorn.asyncio import serve as hypercorn_serve
+    """Serve as the Procfile does: hypercorn, with a worker process of its own
+    that closes its sockets on SIGTERM (see ``ws.init_app``)."""
     from hypercorn.config import Config as HypercornConfig
+    from hypercorn.run import run
 
-    from . import create_app
-    from .ws import restart_sockets
-
-    app = create_app()
     config = HypercornConfig()
+    config.application_path = "taskflow:create_app()"
     config.bind = [f"{host}:{port}"]
+    config.worker_class = "uvloop"
+    config.workers = 1
     config.graceful_timeout = 20
-
-    async def run() -> None:
-        stopping = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signal_number in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signal_number, stopping.set)
-
-        async def shutdown_trigger() -> None:
-            await stopping.wait()
-            restart_sockets(app)
-
-        await hypercorn_serve(app, config, shutdown_trigger=shutdown_trigger)
-
     print(f"TaskFlow listening on http://{host}:{port} (API docs at /docs)", flush=True)
-    uvloop.run(run())
+    raise SystemExit(run(config))
 
 
 def main(argv: list[str] | None = None) -> None:

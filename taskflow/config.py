@@ -1,12 +1,18 @@
-"""Configuration, read once from the environment into a typed object."""
+"""Configuration, read once from the environment into a typed object.
+
+Each tunable setting is declared once, as a field of ``Config`` that names its
+environment variable, its default and its bounds; ``from_env`` reads them all.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy.engine import URL, make_url
 
@@ -20,28 +26,34 @@ class ConfigError(Exception):
     """The environment does not describe a configuration TaskFlow can run with."""
 
 
+def setting(env: str, default: Any, minimum: int | None = None, maximum: int | None = None) -> Any:
+    """A field of ``Config`` read from the environment variable *env*."""
+    bounds = {"env": env, "minimum": minimum, "maximum": maximum}
+    return dataclasses.field(default=default, metadata=bounds)
+
+
 @dataclass(frozen=True)
 class Config:
     database_url: str
     redis_url: str | None
     secret_key: str
-    port: int = 8000
-    trusted_proxy_hops: int = 0
-    bcrypt_rounds: int = 12
-    log_level: str = "INFO"
+    port: int = setting("PORT", 8000, minimum=1, maximum=65535)
+    trusted_proxy_hops: int = setting("TASKFLOW_TRUSTED_PROXY_HOPS", 0, minimum=0)
+    bcrypt_rounds: int = setting("TASKFLOW_BCRYPT_ROUNDS", 12, minimum=4, maximum=31)
+    log_level: str = setting("TASKFLOW_LOG_LEVEL", "INFO")
     # Default limit for every route, per user when authenticated, else per address.
-    rate_limit_per_minute: int = 600
+    rate_limit_per_minute: int = setting("TASKFLOW_RATE_LIMIT_PER_MINUTE", 600, minimum=1)
     # Login and registration, per address and per email.
-    auth_rate_limit_per_minute: int = 10
-    rate_limit_enabled: bool = True
+    auth_rate_limit_per_minute: int = setting("TASKFLOW_AUTH_RATE_LIMIT_PER_MINUTE", 10, minimum=1)
+    rate_limit_enabled: bool = setting("TASKFLOW_RATE_LIMIT_ENABLED", True)
     # WebSocket: new connections per user, and messages per connection.
-    ws_connections_per_minute: int = 60
-    ws_messages_per_second: int = 20
+    ws_connections_per_minute: int = setting("TASKFLOW_WS_CONNECTIONS_PER_MINUTE", 60, minimum=1)
+    ws_messages_per_second: int = setting("TASKFLOW_WS_MESSAGES_PER_SECOND", 20, minimum=1)
     # Frames waiting for one slow client before it is dropped.
-    ws_send_queue: int = 1024
-    database_pool_size: int = 10
+    ws_send_queue: int = setting("TASKFLOW_WS_SEND_QUEUE", 1024, minimum=1)
+    database_pool_size: int = setting("TASKFLOW_DATABASE_POOL_SIZE", 10, minimum=1)
     # Authorization lookups and tasks cached in Redis (for comparisons; see cache.py).
-    cache_enabled: bool = True
+    cache_enabled: bool = setting("TASKFLOW_CACHE_ENABLED", True)
 
     @property
     def is_sqlite(self) -> bool:
@@ -73,26 +85,16 @@ class Config:
             raise ConfigError(f"TASKFLOW_SECRET_KEY must be at least {MIN_SECRET_BYTES} bytes.")
 
         raw_redis_url = env.get("REDIS_URL", "").strip()
+        settings = {
+            field.name: _read(env, field)
+            for field in dataclasses.fields(cls)
+            if "env" in field.metadata
+        }
         return cls(
             database_url=database_url,
             redis_url=normalize_redis_url(raw_redis_url) if raw_redis_url else None,
             secret_key=secret_key,
-            port=_int(env, "PORT", 8000, minimum=1, maximum=65535),
-            trusted_proxy_hops=_int(env, "TASKFLOW_TRUSTED_PROXY_HOPS", 0, minimum=0),
-            bcrypt_rounds=_int(env, "TASKFLOW_BCRYPT_ROUNDS", 12, minimum=4, maximum=31),
-            log_level=env.get("TASKFLOW_LOG_LEVEL", "INFO").upper(),
-            rate_limit_per_minute=_int(env, "TASKFLOW_RATE_LIMIT_PER_MINUTE", 600, minimum=1),
-            auth_rate_limit_per_minute=_int(
-                env, "TASKFLOW_AUTH_RATE_LIMIT_PER_MINUTE", 10, minimum=1
-            ),
-            rate_limit_enabled=_bool(env, "TASKFLOW_RATE_LIMIT_ENABLED", True),
-            ws_connections_per_minute=_int(
-                env, "TASKFLOW_WS_CONNECTIONS_PER_MINUTE", 60, minimum=1
-            ),
-            ws_messages_per_second=_int(env, "TASKFLOW_WS_MESSAGES_PER_SECOND", 20, minimum=1),
-            ws_send_queue=_int(env, "TASKFLOW_WS_SEND_QUEUE", 1024, minimum=1),
-            database_pool_size=_int(env, "TASKFLOW_DATABASE_POOL_SIZE", 10, minimum=1),
-            cache_enabled=_bool(env, "TASKFLOW_CACHE_ENABLED", True),
+            **settings,
         )
 
 
@@ -138,27 +140,31 @@ def load_or_create_secret(path: Path) -> str:
     return secret
 
 
-def _int(
-    env: Mapping[str, str], name: str, default: int, minimum: int, maximum: int | None = None
-) -> int:
+def _read(env: Mapping[str, str], field: dataclasses.Field[Any]) -> Any:
+    name, default = field.metadata["env"], field.default
     raw = env.get(name, "").strip()
     if not raw:
         return default
+    if isinstance(default, bool):
+        return _bool(name, raw)
+    if isinstance(default, int):
+        return _int(name, raw, field.metadata["minimum"], field.metadata["maximum"])
+    return raw.upper()  # the log level, the one text setting
+
+
+def _int(name: str, raw: str, minimum: int | None, maximum: int | None) -> int:
     try:
         value = int(raw)
     except ValueError:
         raise ConfigError(f"{name} must be a whole number, not {raw!r}.") from None
-    if value < minimum or (maximum is not None and value > maximum):
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
         raise ConfigError(f"{name} must be between {minimum} and {maximum or 'any'}.")
     return value
 
 
-def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
-    raw = env.get(name, "").strip().lower()
-    if not raw:
-        return default
-    if raw in ("1", "true", "yes", "on"):
+def _bool(name: str, raw: str) -> bool:
+    if raw.lower() in ("1", "true", "yes", "on"):
         return True
-    if raw in ("0", "false", "no", "off"):
+    if raw.lower() in ("0", "false", "no", "off"):
         return False
     raise ConfigError(f"{name} must be true or false, not {raw!r}.")

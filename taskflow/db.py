@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -231,16 +231,12 @@ async def close_request_session(_error: BaseException | None) -> None:
 
 
 def init_app(app: Quart, config: Config) -> None:
-    async def start() -> None:
-        app.extensions[EXTENSION_KEY] = Backends.create(config)
-        await backends().broker.start()
+    @app.while_serving
+    async def lifespan() -> AsyncGenerator[None, None]:
+        backends_ = app.extensions[EXTENSION_KEY] = Backends.create(config)
+        await backends_.broker.start()
+        yield
+        await app.extensions.pop(EXTENSION_KEY).close()
 
-    async def stop() -> None:
-        backends_: Backends | None = app.extensions.pop(EXTENSION_KEY, None)
-        if backends_ is not None:
-            await backends_.close()
-
-    app.before_serving(start)
-    app.after_serving(stop)
     app.after_request(finish_request)
     app.teardown_request(close_request_session)

@@ -10,6 +10,7 @@ and return to Redis by themselves when it does.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -17,16 +18,23 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from quart import Quart, Response, current_app, g, request
-from quart_rate_limiter import KeyCallable, RateLimit, RateLimiter, RateLimitExceeded
+from quart_rate_limiter import (
+    QUART_RATE_LIMITER_EXEMPT_ATTRIBUTE,
+    QUART_RATE_LIMITER_LIMITS_ATTRIBUTE,
+    RateLimit,
+    RateLimitExceeded,
+)
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from .config import Config
 from .db import RedisBackoff, backends
 from .errors import APIError
-from .security import bearer_claims
+from .security import request_caller
 
 log = logging.getLogger(__name__)
+
+EXTENSION_KEY = "taskflow.limiter"
 
 # KEYS[1]: the bucket. ARGV: emission interval and burst tolerance, in µs.
 # Returns {allowed, µs until a request would be allowed, µs until the bucket is full}.
@@ -113,41 +121,76 @@ class Buckets:
         return self.memory.acquire(key, limit)
 
 
-class SharedRateLimiter(RateLimiter):
-    """quart-rate-limiter with each limit taken in one atomic step.
+MINUTE = timedelta(minutes=1)
 
-    Every request is counted, those to unknown routes included; the response
-    carries the ``RateLimit-*`` headers of the tightest of its limits.
+
+class Limiter:
+    """Enforces the limits declared with quart-rate-limiter's decorators
+    (``rate_limit``, ``limit_blueprint``, ``rate_exempt``) plus the default
+    limit, each in one atomic step of ``Buckets``.
+
+    quart-rate-limiter's own ``RateLimiter`` cannot keep the contract, through
+    its public interface or a store behind it: its store API reads a bucket
+    and then writes it, so concurrent requests slip past a limit on every
+    instance; it skips requests to unknown routes; and it reads each bucket
+    again for the headers. So this class takes its place, reading the limits
+    the library's decorators leave on views and blueprints. Every request is
+    counted, those to unknown routes included; the response carries the
+    ``RateLimit-*`` headers of the tightest of its limits.
     """
 
-    def __init__(self, app: Quart, config: Config) -> None:
+    def __init__(self, config: Config) -> None:
         self.buckets = Buckets()
-        super().__init__(
-            app,
-            key_function=caller_key,
-            default_limits=[RateLimit(config.rate_limit_per_minute, timedelta(minutes=1))],
-            enabled=config.rate_limit_enabled,
-        )
+        self.enabled = config.rate_limit_enabled
+        self.default = RateLimit(config.rate_limit_per_minute, MINUTE)
+        self.auth_per_minute = config.auth_rate_limit_per_minute
+        self._by_endpoint: dict[str, list[RateLimit]] = {}
 
-    async def _before_request(self) -> None:
-        if not current_app.config["QUART_RATE_LIMITER_ENABLED"]:
+    def limits_for(self, endpoint: str | None) -> list[RateLimit]:
+        """The limits of the route *endpoint* (None: no route matched)."""
+        name = endpoint or "unmatched"
+        limits = self._by_endpoint.get(name)
+        if limits is None:
+            limits = self._by_endpoint[name] = self._declared(endpoint)
+        return limits
+
+    def _declared(self, endpoint: str | None) -> list[RateLimit]:
+        view = current_app.view_functions.get(endpoint) if endpoint else None
+        if getattr(view, QUART_RATE_LIMITER_EXEMPT_ATTRIBUTE, False):
+            return []
+        blueprint_name = endpoint.rpartition(".")[0] if endpoint else ""
+        blueprint = current_app.blueprints.get(blueprint_name)
+        declared = [
+            *getattr(view, QUART_RATE_LIMITER_LIMITS_ATTRIBUTE, []),
+            *getattr(blueprint, QUART_RATE_LIMITER_LIMITS_ATTRIBUTE, []),
+        ]
+        return [self._configured(limit) for limit in declared] + [self.default]
+
+    def _configured(self, limit: RateLimit) -> RateLimit:
+        # The login and registration limits are declared with their documented
+        # default count; the app's configuration sets the count it enforces.
+        if limit in AUTH_LIMITS:
+            return dataclasses.replace(limit, count=self.auth_per_minute)
+        return limit
+
+    async def before_request(self) -> None:
+        if not self.enabled:
             return
         endpoint = request.endpoint or "unmatched"
-        view = current_app.view_functions.get(request.endpoint)  # type: ignore[arg-type]
-        blueprint = current_app.blueprints.get(request.blueprint)  # type: ignore[arg-type]
-        limits = self._get_limits_for_view_function(view, blueprint)  # type: ignore[arg-type]
-        decisions = [
-            await self.buckets.acquire(await self._create_key(endpoint, limit), limit)
-            for limit in limits
-            if not await self._should_skip(limit)
-        ]
+        decisions = []
+        for limit in self.limits_for(request.endpoint):
+            if limit.skip_function is not None and await limit.skip_function():
+                continue
+            key_function = limit.key_function or caller_key
+            key = f"{endpoint}-{limit.key}-{await key_function()}"
+            decisions.append(await self.buckets.acquire(key, limit))
         if decisions:
             g.rate_limit = min(decisions, key=lambda decision: decision.remaining)
         refused = [decision for decision in decisions if not decision.allowed]
         if refused:
             raise RateLimitExceeded(math.ceil(max(d.retry_after for d in refused)))
 
-    async def _after_request(self, response: Response) -> Response:
+    async def after_request(self, response: Response) -> Response:
         decision: Decision | None = g.get("rate_limit")
         if decision is not None:
             response.headers["RateLimit-Limit"] = str(decision.limit)
@@ -156,8 +199,8 @@ class SharedRateLimiter(RateLimiter):
         return response
 
 
-def rate_limiter() -> SharedRateLimiter:
-    limiter: SharedRateLimiter = current_app.extensions["taskflow.rate_limiter"]
+def rate_limiter() -> Limiter:
+    limiter: Limiter = current_app.extensions[EXTENSION_KEY]
     return limiter
 
 
@@ -190,10 +233,10 @@ async def address_key() -> str:
 async def caller_key() -> str:
     """The user when the request carries a valid access token, else the address."""
     try:
-        claims = bearer_claims()
+        caller = request_caller()
     except APIError:  # a bad token: require_auth refuses it; count it by address
-        claims = None
-    return f"user:{claims.user_id}" if claims else await address_key()
+        caller = None
+    return f"user:{caller.user_id}" if caller else await address_key()
 
 
 async def email_key() -> str:
@@ -205,28 +248,16 @@ async def email_key() -> str:
     return f"email:{email.strip().lower()[:320]}"
 
 
-class PerMinuteFromConfig(RateLimit):
-    """A per-minute limit whose count is a setting of the running app's Config,
-    so that route decorators, written at import, follow the configuration."""
-
-    def __init__(self, setting: str, key_function: KeyCallable | None = None) -> None:
-        self.setting = setting
-        self.period = timedelta(minutes=1)
-        self.key_function = key_function
-        self.skip_function = None
-
-    @property
-    def count(self) -> int:  # type: ignore[override]
-        count: int = getattr(current_app.config["TASKFLOW"], self.setting)
-        return count
-
-
 # Login and registration: per address and per email, on top of the default.
+# 10 a minute is the default of TASKFLOW_AUTH_RATE_LIMIT_PER_MINUTE, which
+# sets the count enforced (``Limiter._configured``).
 AUTH_LIMITS: list[RateLimit] = [
-    PerMinuteFromConfig("auth_rate_limit_per_minute", address_key),
-    PerMinuteFromConfig("auth_rate_limit_per_minute", email_key),
+    RateLimit(10, MINUTE, address_key),
+    RateLimit(10, MINUTE, email_key),
 ]
 
 
 def init_app(app: Quart, config: Config) -> None:
-    app.extensions["taskflow.rate_limiter"] = SharedRateLimiter(app, config)
+    limiter = app.extensions[EXTENSION_KEY] = Limiter(config)
+    app.before_request(limiter.before_request)
+    app.after_request(limiter.after_request)

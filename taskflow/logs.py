@@ -78,8 +78,13 @@ async def tag_response(response: Response) -> Response:
 
 
 def init_app(app: Quart) -> None:
-    # First of the before_request hooks, so even a rate-limited or refused
-    # request gets its id; last of the after_request hooks (they run in
-    # reverse), so the access line shows the final status.
-    app.before_request_funcs.setdefault(None, []).insert(0, assign_request_id)
-    app.after_request_funcs.setdefault(None, []).insert(0, tag_response)
+    """Register the request id and the access log; call before any other
+    extension registers hooks.
+
+    Before-request hooks run in the order registered and after-request hooks
+    in reverse: registered first, these are the first before every request (so
+    even a rate-limited or refused request has its id) and the last after it
+    (so the access line shows the final status).
+    """
+    app.before_request(assign_request_id)
+    app.after_request(tag_response)

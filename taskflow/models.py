@@ -187,7 +187,8 @@ class Event(Base):
         BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
     )
     project_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
-    event: Mapped[str] = mapped_column(String(32))
+    # The event's kind (`task.created`…): a column named as the contract's field.
+    kind: Mapped[str] = mapped_column("event", String(32))
     actor_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
     occurred_at: Mapped[datetime] = mapped_column(default=utcnow)
     data: Mapped[dict[str, Any]] = mapped_column(JSONDocument)

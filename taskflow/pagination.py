@@ -12,7 +12,7 @@ import base64
 import binascii
 import hashlib
 import hmac
-from typing import Any
+from typing import Any, Generic, TypedDict, TypeVar
 
 import orjson
 from quart import current_app
@@ -22,6 +22,8 @@ from .errors import APIError, validation_failed
 from .jsonio import dumps
 
 MAC_BYTES = 16
+
+Item = TypeVar("Item")
 
 
 def _key() -> bytes:
@@ -63,3 +65,10 @@ def invalid_cursor() -> APIError:
     return validation_failed(
         [{"field": "cursor", "message": "is not a cursor this server made for this list"}]
     )
+
+
+class Paged(TypedDict, Generic[Item]):
+    """A page of a list, as the list routes return it."""
+
+    items: list[Item]
+    next_cursor: str | None

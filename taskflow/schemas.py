@@ -7,6 +7,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any, Generic, TypeVar
 
+from email_validator import EmailNotValidError, validate_email
 from pydantic import (
     AfterValidator,
     AwareDatetime,
@@ -130,6 +131,21 @@ Email = Annotated[
         }
     ),
 ]
+
+MAX_EMAIL_LENGTH = 254
+
+
+def normalize_email(value: str) -> str:
+    """Lower-case and validate an email address (no DNS lookups); ValueError if invalid."""
+    try:
+        email = validate_email(value.strip(), check_deliverability=False).normalized
+    except EmailNotValidError as error:
+        raise ValueError(str(error)) from None
+    email = email.lower()
+    if len(email) > MAX_EMAIL_LENGTH:
+        raise ValueError(f"at most {MAX_EMAIL_LENGTH} characters")
+    return email
+
 
 # A task list's assignee filter: a user id in canonical form, `me` or `none`.
 ASSIGNEE_FILTER_PATTERN = (

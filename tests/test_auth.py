@@ -13,11 +13,10 @@ from quart import Quart
 from quart.typing import TestClientProtocol as Client
 from sqlalchemy import delete
 
-from taskflow import security
 from taskflow.config import Config
 from taskflow.db import backends
 from taskflow.models import User
-from taskflow.security import BCRYPT_QUEUE, BCRYPT_THREADS
+from taskflow.passwords import BCRYPT_QUEUE, BCRYPT_THREADS, hasher
 
 from .conftest import PASSWORD, create_user, login, problem_of, running
 
@@ -329,10 +328,11 @@ async def test_logins_beyond_the_hashing_queue_are_503_at_once(environ: dict[str
 
 
 async def test_a_login_the_busy_cores_cannot_hash_in_time_is_503_at_the_deadline(
-    environ: dict[str, str], monkeypatch: pytest.MonkeyPatch
+    environ: dict[str, str],
 ) -> None:
-    monkeypatch.setattr(security, "BCRYPT_DEADLINE_SECONDS", 0.05)
     async with running(Config.from_env({**environ, "TASKFLOW_BCRYPT_ROUNDS": "14"})) as app:
+        async with app.app_context():
+            hasher().deadline_seconds = 0.05
         client = app.test_client()
         started = time.perf_counter()
         response = await client.post(

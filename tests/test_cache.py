@@ -13,6 +13,7 @@ from quart.typing import TestClientProtocol as Client
 from taskflow import cache
 from taskflow.cache import ENTRY_SECONDS, GENERATION_SECONDS
 from taskflow.config import Config
+from taskflow.data.tasks import TaskDocument, task_key
 from taskflow.jsonio import dumps
 
 from .conftest import (
@@ -109,9 +110,10 @@ async def test_a_fill_that_lost_the_race_to_a_write_is_never_served(
 ) -> None:
     task = await create_task(client, project, owner, title="old")
     path = f"/tasks/{task['id']}"
-    stale = dumps({**task, "version": 1})  # as a reader fetched it; nothing is cached yet
+    # As a reader fetched it; nothing is cached yet.
+    stale = TaskDocument(uuid.UUID(project["id"]), 1, dumps(task))
 
-    async def read_old_then_lose_the_race() -> bytes:
+    async def read_old_then_lose_the_race() -> TaskDocument:
         # This reader fetched the old row; the write commits (and invalidates)
         # before the reader gets to store it.
         response = await client.patch(path, json={"title": "new"}, headers=owner.headers)
@@ -119,7 +121,7 @@ async def test_a_fill_that_lost_the_race_to_a_write_is_never_served(
         return stale
 
     async with app.app_context():
-        await cache.through(cache.task(uuid.UUID(task["id"])), read_old_then_lose_the_race)
+        await cache.through(task_key(uuid.UUID(task["id"])), read_old_then_lose_the_race)
     for _ in range(2):
         response = await client.get(path, headers=owner.headers)
         assert (await response.get_json())["title"] == "new"

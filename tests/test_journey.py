@@ -21,7 +21,11 @@ async def test_two_users_work_on_a_project(app: Quart, client: Client) -> None:
     published: list[dict[str, Any]] = []
     async with app.app_context():
         broker = backends().broker
-    broker.add_listener(pid, lambda message: published.append(message["event"]))
+    broker.subscribe(
+        lambda message: (
+            published.append(message["envelope"]) if message["project_id"] == pid else None
+        )
+    )
     if isinstance(broker, RedisBroker):
         await asyncio.wait_for(broker.subscribed.wait(), 5)
 

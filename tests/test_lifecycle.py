@@ -20,6 +20,7 @@ from taskflow.models import User
 from .conftest import TEST_REDIS_URL, redis_only, running
 
 probe = Blueprint("probe", __name__)
+PROJECT = uuid.uuid4()
 
 
 @probe.post("/probe/users/<outcome>")
@@ -29,7 +30,8 @@ async def write_user(outcome: str) -> tuple[dict[str, str], int]:
     user = User(email=f"{uuid.uuid4().hex}@example.com", password_hash="x")
     db_session.add(user)
     await db_session.flush()
-    after_commit(db_session, backends().broker.publish, {"project_id": "p1", "user": str(user.id)})
+    message = {"project_id": str(PROJECT), "user": str(user.id)}
+    after_commit(db_session, backends().broker.publish, message)
     if outcome == "fail":
         raise APIError(409)
     return {"id": str(user.id)}, 201
@@ -62,7 +64,7 @@ async def test_success_commits_and_publishes_after_commit(probe_app: Quart) -> N
     received: list[dict[str, Any]] = []
     async with probe_app.app_context():
         broker = backends().broker
-    broker.add_listener("p1", received.append)
+    broker.subscribe(received.append)
     if isinstance(broker, RedisBroker):
         await asyncio.wait_for(broker.subscribed.wait(), 5)
 
@@ -74,13 +76,13 @@ async def test_success_commits_and_publishes_after_commit(probe_app: Quart) -> N
         if received:
             break
         await asyncio.sleep(0.02)
-    assert received == [{"project_id": "p1", "user": user_id}]
+    assert received == [{"project_id": str(PROJECT), "user": user_id}]
 
 
 async def test_failure_rolls_back_and_publishes_nothing(probe_app: Quart) -> None:
     received: list[dict[str, Any]] = []
     async with probe_app.app_context():
-        backends().broker.add_listener("p1", received.append)
+        backends().broker.subscribe(received.append)
     response = await probe_app.test_client().post("/probe/users/fail")
     assert response.status_code == 409
     assert await count_users(probe_app) == 0
@@ -88,18 +90,17 @@ async def test_failure_rolls_back_and_publishes_nothing(probe_app: Quart) -> Non
     assert received == []
 
 
-async def test_in_process_broker_fans_out_per_project() -> None:
+async def test_in_process_broker_hands_every_message_to_every_sink() -> None:
     broker = InProcessBroker()
-    first: list[dict[str, Any]] = []
-    second: list[dict[str, Any]] = []
-    broker.add_listener("a", first.append)
-    broker.add_listener("b", second.append)
-    await broker.publish({"project_id": "a", "n": 1})
-    await broker.publish({"project_id": "b", "n": 2})
-    broker.remove_listener("a", first.append)
-    await broker.publish({"project_id": "a", "n": 3})
+    first: list[Any] = []
+    second: list[Any] = []
+    broker.subscribe(first.append)
+    broker.subscribe(second.append)
+    await broker.publish({"project_id": "a", "n": 1})  # type: ignore[typeddict-item]
+    broker.unsubscribe(first.append)
+    await broker.publish({"project_id": "b", "n": 2})  # type: ignore[typeddict-item]
     assert first == [{"project_id": "a", "n": 1}]
-    assert second == [{"project_id": "b", "n": 2}]
+    assert second == [{"project_id": "a", "n": 1}, {"project_id": "b", "n": 2}]
 
 
 @redis_only
@@ -108,23 +109,24 @@ async def test_redis_broker_reaches_every_instance() -> None:
     brokers = [RedisBroker(client) for client in clients]
     received: list[list[dict[str, Any]]] = [[], []]
     for broker, inbox in zip(brokers, received, strict=True):
-        broker.add_listener("p", inbox.append)
+        broker.subscribe(inbox.append)
         await broker.start()
         await asyncio.wait_for(broker.subscribed.wait(), 5)
-    await brokers[0].publish({"project_id": "p", "n": 1})
-    await brokers[1].publish({"project_id": "other", "n": 2})
+    await brokers[0].publish({"project_id": "p", "n": 1})  # type: ignore[typeddict-item]
+    await brokers[1].publish({"project_id": "other", "n": 2})  # type: ignore[typeddict-item]
     for _ in range(100):
-        if all(received):
+        if all(len(inbox) == 2 for inbox in received):
             break
         await asyncio.sleep(0.02)
     for broker, client in zip(brokers, clients, strict=True):
         await broker.close()
         await client.aclose()
-    assert received == [[{"project_id": "p", "n": 1}], [{"project_id": "p", "n": 1}]]
+    both = [{"project_id": "p", "n": 1}, {"project_id": "other", "n": 2}]
+    assert received == [both, both]
 
 
 async def test_redis_broker_publish_survives_redis_being_down() -> None:
     client = aioredis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.5)
     broker = RedisBroker(client)
-    await broker.publish({"project_id": "p"})  # logged, not raised
+    await broker.publish({"project_id": "p"})  # type: ignore[typeddict-item]  # logged, not raised
     await client.aclose()

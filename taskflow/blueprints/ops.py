@@ -12,6 +12,7 @@ from sqlalchemy import text
 
 from ..db import backends
 from ..errors import RETRY_AFTER_UNAVAILABLE_SECONDS, APIError, is_unavailable
+from ..jsonio import json_response
 from ..openapi import documents, responds
 
 blueprint = Blueprint("ops", __name__)
@@ -30,15 +31,15 @@ class Readiness(BaseModel):
 
 @blueprint.get("/healthz")
 @responds(Health)
-async def healthz() -> dict[str, str]:
+async def healthz() -> Response:
     """Liveness: answers while the process runs, touching nothing else."""
-    return {"status": "ok"}
+    return json_response({"status": "ok"})
 
 
 @blueprint.get("/readyz")
 @responds(Readiness)
 @documents(503)
-async def readyz() -> dict[str, str]:
+async def readyz() -> Response:
     """Readiness: whether the database and Redis (when configured) answer.
 
     503 names what is down.
@@ -51,7 +52,7 @@ async def readyz() -> dict[str, str]:
             detail=f"Not ready: {' and '.join(down)} down.",
             headers={"Retry-After": str(RETRY_AFTER_UNAVAILABLE_SECONDS)},
         )
-    return {"database": database, "redis": redis}
+    return json_response({"database": database, "redis": redis})
 
 
 async def _probe_database() -> str:

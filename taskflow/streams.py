@@ -1,0 +1,251 @@
+"""Fan-out: this process's per-project event streams and their subscriptions.
+
+The ``Hub`` keeps one *stream* per project that has local subscribers. A
+stream turns the broker's messages into the project's events in log order
+with no gap: every message names the event before it (``prev_id``), and a
+stream that finds one missing (still on its way from another instance, or
+lost while Redis was away) reads the gap from the event log. While the broker
+is disconnected, streams poll the log instead.
+
+A ``Subscription`` is one socket's interest in one project. Until the socket
+has been sent its replay (``since``), live events are held; then each event is
+passed on once, in order, and a ``member.removed`` of the subscriber or a
+``project.deleted`` ends it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+import orjson
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from .broker import Broker
+from .data.events import Envelope, EventKind, Published, events_after, latest_event_id
+
+log = logging.getLogger(__name__)
+
+POLL_SECONDS = 0.5
+
+
+def frame_of(message: object) -> str:
+    """A message as one WebSocket text frame."""
+    return orjson.dumps(message).decode()
+
+
+class Subscriber(Protocol):
+    """What a subscription needs of its socket."""
+
+    user_id: uuid.UUID
+
+    def enqueue(self, frame: str) -> None: ...
+
+    def end_subscription(self, subscription: Subscription, reason: str) -> None: ...
+
+
+class EventLog(Protocol):
+    """Where streams read what the broker did not bring."""
+
+    def after(self, project_id: uuid.UUID, since: int) -> AsyncIterator[Envelope]: ...
+
+    async def latest_id(self, project_id: uuid.UUID) -> int: ...
+
+
+class DatabaseLog:
+    """The event log in the database, each read in a short session of its own."""
+
+    def __init__(self, sessionmaker: async_sessionmaker[AsyncSession]) -> None:
+        self._sessionmaker = sessionmaker
+
+    async def after(self, project_id: uuid.UUID, since: int) -> AsyncIterator[Envelope]:
+        async with self._sessionmaker() as db_session:
+            async for event in events_after(db_session, project_id, since):
+                yield event
+
+    async def latest_id(self, project_id: uuid.UUID) -> int:
+        async with self._sessionmaker() as db_session:
+            return await latest_event_id(db_session, project_id)
+
+
+class Subscription:
+    """One socket's subscription to one project."""
+
+    def __init__(self, subscriber: Subscriber, project_id: uuid.UUID) -> None:
+        self.subscriber = subscriber
+        self.project_id = project_id
+        self.last_id = 0
+        self.live = False
+        self.held: list[tuple[Envelope, str]] = []
+        self.ended = False
+
+    def offer(self, event: Envelope, frame: str) -> None:
+        """Take the stream's next event: held until the replay is sent, then sent."""
+        if self.ended:
+            return
+        if not self.live:
+            self.held.append((event, frame))
+            return
+        self._pass_on(event, frame)
+
+    def go_live(self, last_id: int) -> None:
+        """The replay up to *last_id* is sent: pass on what was held after it, then
+        every event as it comes."""
+        self.last_id = max(self.last_id, last_id)
+        self.live = True
+        held, self.held = self.held, []
+        for event, frame in held:
+            self._pass_on(event, frame)
+
+    def _pass_on(self, event: Envelope, frame: str) -> None:
+        if self.ended or event["id"] <= self.last_id:
+            return
+        self.last_id = event["id"]
+        kind = event["event"]
+        if kind == EventKind.MEMBER_REMOVED and event["data"].get("user_id") == str(
+            self.subscriber.user_id
+        ):
+            self.subscriber.end_subscription(self, "removed")
+            return
+        self.subscriber.enqueue(frame)
+        if kind == EventKind.PROJECT_DELETED:
+            self.subscriber.end_subscription(self, "project_deleted")
+
+
+class Stream:
+    """This process's view of one project's events: in log order, no gap.
+
+    Messages are queued from construction on; they are read once ``start``
+    says where the log stood.
+    """
+
+    def __init__(self, project_id: uuid.UUID, event_log: EventLog) -> None:
+        self.project_id = project_id
+        self.last_id = 0
+        self.subscriptions: set[Subscription] = set()
+        self._log = event_log
+        self._inbox: asyncio.Queue[Published | None] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self, last_id: int) -> None:
+        self.last_id = last_id
+        self._task = asyncio.create_task(self._run(), name=f"stream-{self.project_id}")
+
+    def stop(self) -> asyncio.Task[None] | None:
+        if self._task is not None:
+            self._task.cancel()
+        return self._task
+
+    def receive(self, message: Published) -> None:
+        self._inbox.put_nowait(message)
+
+    def catch_up(self) -> None:
+        """Read the log for whatever the broker has not brought."""
+        self._inbox.put_nowait(None)
+
+    async def _run(self) -> None:
+        while True:
+            message = await self._inbox.get()
+            try:
+                if message is None:
+                    await self._read_log()
+                elif message["envelope"]["id"] <= self.last_id:
+                    continue  # already delivered, from the log
+                else:
+                    if message["prev_id"] > self.last_id:
+                        await self._read_log(before=message["envelope"]["id"])
+                    self._deliver(message["envelope"])
+            except Exception:  # a database hiccup: read the log again shortly
+                log.exception("stream %s could not read the event log", self.project_id)
+                asyncio.get_running_loop().call_later(POLL_SECONDS, self.catch_up)
+
+    async def _read_log(self, before: int | None = None) -> None:
+        async for event in self._log.after(self.project_id, self.last_id):
+            if before is not None and event["id"] >= before:
+                return
+            self._deliver(event)
+
+    def _deliver(self, event: Envelope) -> None:
+        self.last_id = event["id"]
+        frame = frame_of(event)
+        for subscription in tuple(self.subscriptions):
+            subscription.offer(event, frame)
+
+
+class Closable(Protocol):
+    def close(self, code: int, reason: str) -> None: ...
+
+
+class Hub:
+    """The process's streams, fed by the broker, and its open sockets."""
+
+    def __init__(self, broker: Broker, event_log: EventLog) -> None:
+        self.broker = broker
+        self.event_log = event_log
+        self.streams: dict[uuid.UUID, Stream] = {}
+        self.sockets: set[Closable] = set()
+        self._joining = asyncio.Lock()
+        self._watcher: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self.broker.subscribe(self.receive)
+        self._watcher = asyncio.create_task(self._watch_broker(), name="hub-watch")
+
+    async def close(self) -> None:
+        self.broker.unsubscribe(self.receive)
+        tasks = [task for stream in self.streams.values() if (task := stream.stop())]
+        if self._watcher is not None:
+            self._watcher.cancel()
+            tasks.append(self._watcher)
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def join(self, subscription: Subscription) -> None:
+        async with self._joining:
+            stream = self.streams.get(subscription.project_id)
+            if stream is None:
+                # Receive first, then read where the log stands: whatever is
+                # published from here on lands after that point or is dropped
+                # as already covered.
+                stream = self.streams[subscription.project_id] = Stream(
+                    subscription.project_id, self.event_log
+                )
+                try:
+                    stream.start(await self.event_log.latest_id(subscription.project_id))
+                except BaseException:
+                    del self.streams[subscription.project_id]
+                    raise
+            stream.subscriptions.add(subscription)
+
+    def leave(self, subscription: Subscription) -> None:
+        subscription.ended = True
+        stream = self.streams.get(subscription.project_id)
+        if stream is None:
+            return
+        stream.subscriptions.discard(subscription)
+        if not stream.subscriptions:
+            stream.stop()
+            del self.streams[subscription.project_id]
+
+    def receive(self, message: Published) -> None:
+        stream = self.streams.get(uuid.UUID(message["project_id"]))
+        if stream is not None:
+            stream.receive(message)
+
+    async def _watch_broker(self) -> None:
+        """Read the log while the broker is away, and once more when it is back."""
+        was_connected = True
+        while True:
+            await asyncio.sleep(POLL_SECONDS)
+            connected = self.broker.connected
+            if not connected or not was_connected:
+                for stream in tuple(self.streams.values()):
+                    stream.catch_up()
+            was_connected = connected
+
+    def restart(self, code: int, reason: str) -> None:
+        """Close every socket, so that its client reconnects elsewhere."""
+        for socket in tuple(self.sockets):
+            socket.close(code, reason)
