@@ -13,7 +13,7 @@ import asyncpg
 import jwt
 import orjson
 
-from taskflow.security import ACCESS_AUDIENCE, ACCESS_TYPE, ISSUER, REQUIRED_CLAIMS
+from taskflow.tokens import ISSUER, REQUIRED_CLAIMS, TokenType
 
 SECRET = os.environ["TASKFLOW_SECRET_KEY"]
 DSN = os.environ["BENCH_DSN"]
@@ -58,10 +58,10 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     token = headers.get(b"authorization", b"").decode().removeprefix("Bearer ")
     try:
         decoded = jwt.api_jwt.decode_complete(
-            token, SECRET, algorithms=["HS256"], audience=ACCESS_AUDIENCE, issuer=ISSUER,
+            token, SECRET, algorithms=["HS256"], audience=TokenType.ACCESS.audience, issuer=ISSUER,
             leeway=5, options={"require": REQUIRED_CLAIMS},
         )  # fmt: skip
-        if decoded["header"].get("typ") != ACCESS_TYPE:
+        if decoded["header"].get("typ") != TokenType.ACCESS:
             raise jwt.InvalidTokenError
         user_id = uuid.UUID(decoded["payload"]["sub"])
         project_id = uuid.UUID(scope["path"].split("/")[2])
