@@ -31,6 +31,8 @@ def create_app(config: Config | None = None) -> Quart:
     logs.configure_logging(config.log_level)
 
     app = Quart(__name__, static_folder=None)
+    # `//projects` is not `/projects`: one spelling per resource.
+    app.url_map.merge_slashes = False
     app.request_class = JSONRequest
     app.config.update(
         TASKFLOW=config,
@@ -48,8 +50,8 @@ def create_app(config: Config | None = None) -> Quart:
     app.json = ORJSONProvider(app)
     passwords.init_app(app, config.bcrypt_rounds)
     db.init_app(app, config)
+    limits.init_app(app, config)  # before errors: a refused request is counted too
     errors.init_app(app)
-    limits.init_app(app, config)
 
     for blueprint, tag in (
         (ops.blueprint, "operations"),

@@ -12,13 +12,13 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
-from sqlalchemy import bindparam, select
+from sqlalchemy import and_, bindparam, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from . import cache
 from .db import rows
 from .errors import APIError
-from .models import MemberRole, Project, ProjectMember
+from .models import MemberRole, Project, ProjectMember, Task
 
 
 def project_not_found() -> APIError:
@@ -42,9 +42,24 @@ ROLE_OF_MEMBER = select(ProjectMember.role).where(
     ProjectMember.project_id == bindparam("project_id"),
     ProjectMember.user_id == bindparam("user_id"),
 )
-LOCKED_ROLE_OF_MEMBER = ROLE_OF_MEMBER.join(
-    Project, Project.id == ProjectMember.project_id
-).with_for_update(of=Project)
+_OF_MEMBER = and_(
+    ProjectMember.project_id == Project.id, ProjectMember.user_id == bindparam("user_id")
+)
+# A project's row, locked, found only through the caller's membership (so a
+# stranger locks nothing); by the project's id, or by one of its tasks'.
+LOCK_PROJECT = (
+    select(Project.id)
+    .join(ProjectMember, _OF_MEMBER)
+    .where(Project.id == bindparam("project_id"))
+    .with_for_update(of=Project)
+)
+LOCK_PROJECT_OF_TASK = (
+    select(Project.id)
+    .join(ProjectMember, _OF_MEMBER)
+    .join(Task, Task.project_id == Project.id)
+    .where(Task.id == bindparam("task_id"))
+    .with_for_update(of=Project)
+)
 
 
 async def member_role(
@@ -77,9 +92,11 @@ class ProjectLock:
     """Proof that this transaction holds the project's row lock, and the
     caller's role read under it.
 
-    Only a statement that locked the project's row ``FOR UPDATE`` makes one
-    (``lock_project`` here, ``data.tasks.lock_task``). Holding it until the
-    commit is what makes a project's events commit in the order of their ids.
+    Made by ``lock_project`` and ``lock_project_of_task``, which lock the
+    project's row ``FOR UPDATE`` (and by ``data.projects.insert_project`` for a
+    project its transaction inserted). Holding the lock until the commit is
+    what makes a project's events commit in the order of their ids, and what
+    keeps a member removed meanwhile from writing.
     """
 
     project_id: uuid.UUID
@@ -91,10 +108,41 @@ async def lock_project(
 ) -> ProjectLock:
     """Lock the project for a write by its member *user_id*; a 404 for anyone else."""
     params = {"project_id": project_id, "user_id": user_id}
-    role = (await rows(db_session, LOCKED_ROLE_OF_MEMBER, params)).scalar_one_or_none()
+    locked = (await rows(db_session, LOCK_PROJECT, params)).first() is not None
+    role = await current_role(db_session, project_id, user_id) if locked else None
     if role is None:
         raise project_not_found()
     return ProjectLock(project_id, role)
+
+
+async def lock_project_of_task(
+    db_session: AsyncSession, task_id: uuid.UUID, user_id: uuid.UUID
+) -> ProjectLock | None:
+    """Lock the project of the task for a write by its member *user_id*; None
+    when there is no such task or *user_id* is not a member of its project."""
+    params = {"task_id": task_id, "user_id": user_id}
+    project_id = (await rows(db_session, LOCK_PROJECT_OF_TASK, params)).scalar_one_or_none()
+    if project_id is None:
+        return None
+    role = await current_role(db_session, project_id, user_id)
+    return ProjectLock(project_id, role) if role is not None else None
+
+
+async def current_role(
+    db_session: AsyncSession, project_id: uuid.UUID, user_id: uuid.UUID
+) -> MemberRole | None:
+    """The user's role in the project as the database has it now, bypassing
+    the cache (whose invalidation follows a removal's commit by a moment).
+
+    Under a lock: the locking statement may have waited for the lock, and it
+    judged the membership by the snapshot it started with, so a removal that
+    committed meanwhile would pass. Every removal takes the lock first, so
+    reading the role again in a statement of its own (READ COMMITTED: a new
+    snapshot) sees every removal that precedes the write's commit.
+    """
+    params = {"project_id": project_id, "user_id": user_id}
+    role: MemberRole | None = (await rows(db_session, ROLE_OF_MEMBER, params)).scalar_one_or_none()
+    return role
 
 
 def require_owner(lock: ProjectLock, action: str) -> None:

@@ -26,12 +26,10 @@ def serve(host: str, port: int) -> None:
     from hypercorn.config import Config as HypercornConfig
     from hypercorn.run import run
 
-    config = HypercornConfig()
+    config = HypercornConfig.from_object("taskflow.hypercorn_config")
     config.application_path = "taskflow:create_app()"
     config.bind = [f"{host}:{port}"]
-    config.worker_class = "uvloop"
     config.workers = 1
-    config.graceful_timeout = 20
     print(f"TaskFlow listening on http://{host}:{port} (API docs at /docs)", flush=True)
     raise SystemExit(run(config))
 

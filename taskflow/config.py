@@ -6,6 +6,7 @@ environment variable, its default and its bounds; ``from_env`` reads them all.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import secrets
@@ -39,6 +40,8 @@ class Config:
     secret_key: str
     port: int = setting("PORT", 8000, minimum=1, maximum=65535)
     trusted_proxy_hops: int = setting("TASKFLOW_TRUSTED_PROXY_HOPS", 0, minimum=0)
+    # IPv6 clients are limited per network of this prefix (one holds a whole /64).
+    ipv6_prefix_length: int = setting("TASKFLOW_IPV6_PREFIX_LENGTH", 64, minimum=32, maximum=128)
     bcrypt_rounds: int = setting("TASKFLOW_BCRYPT_ROUNDS", 12, minimum=4, maximum=31)
     log_level: str = setting("TASKFLOW_LOG_LEVEL", "INFO")
     # Default limit for every route, per user when authenticated, else per address.
@@ -49,15 +52,17 @@ class Config:
     # WebSocket: new connections per user, and messages per connection.
     ws_connections_per_minute: int = setting("TASKFLOW_WS_CONNECTIONS_PER_MINUTE", 60, minimum=1)
     ws_messages_per_second: int = setting("TASKFLOW_WS_MESSAGES_PER_SECOND", 20, minimum=1)
-    # Frames waiting for one slow client before it is dropped.
-    ws_send_queue: int = setting("TASKFLOW_WS_SEND_QUEUE", 1024, minimum=1)
+    # Memory of frames waiting to be sent: to one client before it is dropped
+    # as too slow, and to all the clients of one worker process.
+    ws_send_buffer_bytes: int = setting(
+        "TASKFLOW_WS_SEND_BUFFER_BYTES", 1024 * 1024, minimum=64 * 1024
+    )
+    ws_worker_buffer_bytes: int = setting(
+        "TASKFLOW_WS_WORKER_BUFFER_BYTES", 64 * 1024 * 1024, minimum=1024 * 1024
+    )
     database_pool_size: int = setting("TASKFLOW_DATABASE_POOL_SIZE", 10, minimum=1)
     # Authorization lookups and tasks cached in Redis (for comparisons; see cache.py).
     cache_enabled: bool = setting("TASKFLOW_CACHE_ENABLED", True)
-
-    @property
-    def is_sqlite(self) -> bool:
-        return make_url(self.database_url).get_backend_name() == "sqlite"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:
@@ -76,9 +81,13 @@ class Config:
                 raise ConfigError("TASKFLOW_SECRET_KEY must be set when DATABASE_URL is set.")
         else:
             instance_dir = Path(env.get("TASKFLOW_INSTANCE_DIR", "instance")).resolve()
-            instance_dir.mkdir(parents=True, exist_ok=True)
+            # Private: the database holds password hashes. (A directory that
+            # exists already keeps its mode; the database file is still private.)
+            instance_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            database_path = instance_dir / EMBEDDED_DATABASE_NAME
+            create_private_file(database_path)
             database_url = URL.create(
-                "sqlite+aiosqlite", database=str(instance_dir / EMBEDDED_DATABASE_NAME)
+                "sqlite+aiosqlite", database=str(database_path)
             ).render_as_string()
             secret_key = secret_key or load_or_create_secret(instance_dir / SECRET_FILE_NAME)
         if len(secret_key.encode()) < MIN_SECRET_BYTES:
@@ -126,6 +135,13 @@ def normalize_redis_url(raw: str) -> str:
     if not raw.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError("REDIS_URL must start with redis://, rediss:// or unix://.")
     return raw
+
+
+def create_private_file(path: Path) -> None:
+    """Create *path* empty with mode 0600 unless it exists. SQLite creates its
+    -wal and -shm files with the database file's mode."""
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
 
 def load_or_create_secret(path: Path) -> str:

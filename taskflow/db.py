@@ -120,6 +120,8 @@ def create_engine(config: Config) -> AsyncEngine:
             url,
             json_serializer=_json_dumps,
             json_deserializer=orjson.loads,
+            # Statement parameters (emails, password hashes) stay out of error messages and logs.
+            hide_parameters=True,
             # A request waits for a pooled connection rather than opening a
             # short-lived one: connecting costs PostgreSQL a process and
             # asyncpg its type introspection, on every overflow.
@@ -136,6 +138,7 @@ def create_engine(config: Config) -> AsyncEngine:
         url,
         json_serializer=_json_dumps,
         json_deserializer=orjson.loads,
+        hide_parameters=True,
         connect_args={"timeout": 30},
     )
 

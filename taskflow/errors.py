@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import traceback
 from http import HTTPStatus
 from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
 from pydantic import ValidationError
-from quart import Quart, Response, g
+from quart import Quart, Response, g, request
 from quart_rate_limiter import RateLimitExceeded
 from quart_schema import RequestSchemaValidationError
 from sqlalchemy import exc
@@ -115,10 +116,15 @@ def problem(error: APIError) -> Response:
     )
 
 
+# A problem lists at most this many field errors: enough to fix a request,
+# never a body that grows with what the client sent.
+MAX_FIELD_ERRORS = 20
+
+
 def field_errors(error: ValidationError) -> list[dict[str, str]]:
     return [
         {"field": ".".join(str(part) for part in item["loc"]) or "body", "message": item["msg"]}
-        for item in error.errors(include_url=False, include_input=False)
+        for item in error.errors(include_url=False, include_input=False)[:MAX_FIELD_ERRORS]
     ]
 
 
@@ -163,13 +169,58 @@ async def handle_unexpected(error: Exception) -> Response:
     if isinstance(error, InternalServerError) and error.original_exception is not None:
         error = error.original_exception  # type: ignore[assignment]
     if is_unavailable(error):
-        log.warning("dependency unavailable: %s: %s", type(error).__name__, error)
+        log.warning("dependency unavailable: %s", describe(error))
         return problem(APIError(503, headers={"Retry-After": str(RETRY_AFTER_UNAVAILABLE_SECONDS)}))
-    log.error("unhandled error", exc_info=error)
+    if isinstance(error, exc.DBAPIError):
+        # A database's message can quote the row it refused ("Failing row
+        # contains (…, an email, a hash)"): log where and what, never that.
+        log.error(
+            "unhandled error: %s",
+            describe(error),
+            extra={
+                "fields": {
+                    "statement": error.statement,
+                    "stack": traceback.format_tb(error.__traceback__),
+                }
+            },
+        )
+    else:
+        log.error("unhandled error", exc_info=error)
     return problem(APIError(500))
 
 
+def describe(error: BaseException) -> str:
+    """An error's class, and for a database error its SQLSTATE, without its
+    message (which may quote data)."""
+    if isinstance(error, exc.DBAPIError):
+        sqlstate = getattr(error.orig, "sqlstate", None)
+        cause = type(error.orig).__name__ if error.orig is not None else type(error).__name__
+        return f"{cause} (SQLSTATE {sqlstate})" if sqlstate else cause
+    return f"{type(error).__name__}: {error}"
+
+
+async def refuse_ambiguous_requests() -> None:
+    """Refuse requests that the layers below would quietly reinterpret.
+
+    ``Content-Length`` with ``Transfer-Encoding``: h11 reads the body as
+    chunked, a proxy in front may have read it by its length (RFC 9112 allows
+    rejecting it, and request smuggling lives in the difference). A path that
+    starts with ``//``: Werkzeug strips it to one slash, so ``//projects``
+    would be served as ``/projects``.
+    """
+    if "Content-Length" in request.headers and "Transfer-Encoding" in request.headers:
+        raise APIError(
+            400,
+            "bad_request",
+            "Content-Length and Transfer-Encoding together are ambiguous.",
+            headers={"Connection": "close"},
+        )
+    if request.scope.get("path", "").startswith("//"):
+        raise APIError(404)
+
+
 def init_app(app: Quart) -> None:
+    app.before_request(refuse_ambiguous_requests)
     app.register_error_handler(APIError, handle_api_error)
     app.register_error_handler(RequestSchemaValidationError, handle_validation_error)
     app.register_error_handler(RateLimitExceeded, handle_rate_limited)

@@ -10,7 +10,10 @@ from pydantic_core import to_jsonable_python
 from quart import Request, Response
 from quart.json.provider import DefaultJSONProvider
 
-from .errors import APIError
+from .errors import APIError, validation_failed
+
+# More members than any request body of the API has fields.
+MAX_MEMBERS = 64
 
 
 def json_default(value: Any) -> Any:
@@ -71,8 +74,14 @@ class JSONRequest(Request):
             raise APIError(415)
         body = await self.get_data(cache=cache, as_text=False)
         try:
-            return orjson.loads(body)
+            value = orjson.loads(body)
         except orjson.JSONDecodeError:
             if silent:
                 return None
             raise APIError(400) from None
+        if not silent and isinstance(value, dict) and len(value) > MAX_MEMBERS:
+            # Refused before validation, which would spend time on, and list,
+            # every unknown member of an object built to be expensive.
+            message = f"has more than {MAX_MEMBERS} members"
+            raise validation_failed([{"field": "body", "message": message}])
+        return value

@@ -11,13 +11,14 @@ and return to Redis by themselves when it does.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import logging
 import math
 import time
 from dataclasses import dataclass
 from datetime import timedelta
 
-from quart import Quart, Response, current_app, g, request
+from quart import Quart, Response, current_app, g, has_websocket_context, request, websocket
 from quart_rate_limiter import (
     QUART_RATE_LIMITER_EXEMPT_ATTRIBUTE,
     QUART_RATE_LIMITER_LIMITS_ATTRIBUTE,
@@ -30,6 +31,7 @@ from redis.exceptions import RedisError
 from .config import Config
 from .db import RedisBackoff, backends
 from .errors import APIError
+from .schemas import normalize_email
 from .security import request_caller
 
 log = logging.getLogger(__name__)
@@ -211,13 +213,14 @@ def client_address() -> str:
     Entries left of those are whatever the client sent, so they are never used.
     """
     config: Config = current_app.config["TASKFLOW"]
-    peer = request.remote_addr or "unknown"
+    source = websocket if has_websocket_context() else request
+    peer = source.remote_addr or "unknown"
     hops = config.trusted_proxy_hops
     if hops == 0:
         return peer
     forwarded = [
         entry.strip()
-        for header in request.headers.getlist("X-Forwarded-For")
+        for header in source.headers.getlist("X-Forwarded-For")
         for entry in header.split(",")
         if entry.strip()
     ]
@@ -227,25 +230,42 @@ def client_address() -> str:
 
 
 async def address_key() -> str:
-    return f"ip:{client_address()}"
+    """The client's address; for IPv6, its network of the configured prefix."""
+    address = client_address()
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return f"ip:{address}"
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return f"ip:{ip.ipv4_mapped}"
+        prefix = current_app.config["TASKFLOW"].ipv6_prefix_length
+        return f"ip:{ipaddress.ip_network((ip, prefix), strict=False)}"
+    return f"ip:{ip}"
 
 
 async def caller_key() -> str:
-    """The user when the request carries a valid access token, else the address."""
+    """The user when the request carries a valid access token of a live session,
+    else the address (a revoked session's token cannot spend its user's limit)."""
     try:
-        caller = request_caller()
-    except APIError:  # a bad token: require_auth refuses it; count it by address
+        caller = await request_caller()
+    except APIError:  # refused by require_auth; counted by address
         caller = None
     return f"user:{caller.user_id}" if caller else await address_key()
 
 
 async def email_key() -> str:
-    """The email a login or registration is for, whichever address it comes from."""
+    """The account a login or registration is for, whichever address it comes
+    from: its email normalised as login normalises it, so that no spelling of
+    one address (case, Unicode compatibility forms) has a bucket of its own."""
     body = await request.get_json(silent=True)
     email = body.get("email") if isinstance(body, dict) else None
     if not isinstance(email, str):
         return await address_key()
-    return f"email:{email.strip().lower()[:320]}"
+    try:
+        return f"email:{normalize_email(email[:1024])}"
+    except ValueError:  # not an address: no account either; one bucket per spelling
+        return f"email:{email.strip().lower()[:320]}"
 
 
 # Login and registration: per address and per email, on top of the default.

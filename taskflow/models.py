@@ -105,8 +105,12 @@ class AuthSession(Base):
     user_id: Mapped[uuid.UUID] = mapped_column(
         ForeignKey("users.id", ondelete="CASCADE"), index=True
     )
-    # SHA-256 of the one refresh token of this session that may still be spent.
+    # SHA-256 of the one refresh token of this session that may still be spent,
+    # and of the one spent before it, when (a client's concurrent refreshes
+    # present it again for a few seconds; later, it is a thief's).
     refresh_token_hash: Mapped[str] = mapped_column(String(64))
+    spent_refresh_token_hash: Mapped[str | None] = mapped_column(String(64))
+    refreshed_at: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     expires_at: Mapped[datetime]
     revoked_at: Mapped[datetime | None]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+import re
 import secrets
 import threading
 from collections.abc import AsyncGenerator, Callable
@@ -30,6 +31,16 @@ BCRYPT_DEADLINE_SECONDS = 5.0
 BCRYPT_RETRY_AFTER_SECONDS = 1
 
 EXTENSION_KEY = "taskflow.passwords"
+
+# Control characters (Unicode's Cc): bcrypt reads a password as a C string,
+# so a NUL would end it early; none has a place in a password.
+NO_CONTROL_CHARACTERS = "^[^\\x00-\\x1f\\x7f-\\x9f]*$"
+_CONTROL_CHARACTER = re.compile("[\\x00-\\x1f\\x7f-\\x9f]")
+
+
+def has_control_characters(password: str) -> bool:
+    return _CONTROL_CHARACTER.search(password) is not None
+
 
 T = TypeVar("T")
 
@@ -86,9 +97,14 @@ class PasswordHasher:
 
     async def check(self, password: str, password_hash: str | None) -> bool:
         """Whether *password* matches; the same bcrypt work is spent when there is
-        no such user (``password_hash`` None) or the password is over-long."""
+        no such user (``password_hash`` None) or the password is one that
+        registration refuses (over-long, or with a control character)."""
         encoded = password.encode()
-        if password_hash is None or len(encoded) > BCRYPT_MAX_BYTES:
+        if (
+            password_hash is None
+            or len(encoded) > BCRYPT_MAX_BYTES
+            or has_control_characters(password)
+        ):
             dummy = await self._in_thread(_dummy_hash, self.rounds)
             await self._in_thread(bcrypt.checkpw, encoded[:BCRYPT_MAX_BYTES], dummy)
             return False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any, Generic, TypeVar
@@ -89,9 +90,38 @@ def _trimmed(max_length: int) -> Any:
 
 Trimmed = StringConstraints(strip_whitespace=True, min_length=1)
 
-# Names and titles are trimmed of surrounding white space, then must be non-empty.
-ProjectName = Annotated[str, Trimmed, StringConstraints(max_length=200), NoNul, _trimmed(200)]
-TaskTitle = Annotated[str, Trimmed, StringConstraints(max_length=500), NoNul, _trimmed(500)]
+# Characters that show nothing: controls, format characters (zero-width and
+# direction marks), separators, unassigned code points, and the letters and
+# symbols that render blank (Hangul fillers, the blank Braille pattern).
+_INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp", "Cn"})
+_BLANK_CHARACTERS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
+
+
+def has_visible_character(value: str) -> bool:
+    return any(
+        char not in _BLANK_CHARACTERS and unicodedata.category(char) not in _INVISIBLE_CATEGORIES
+        for char in value
+    )
+
+
+def _visible(value: str) -> str:
+    # Which code points render is no rule JSON Schema can state; the schema
+    # fuzzer is told (tests/fuzz_checks.py).
+    if not has_visible_character(value):
+        raise ValueError("must contain a visible character")
+    return value
+
+
+Visible = AfterValidator(_visible)
+
+# Names and titles: trimmed of surrounding white space, then 1 to N characters,
+# at least one of them visible.
+ProjectName = Annotated[
+    str, Trimmed, StringConstraints(max_length=200), NoNul, Visible, _trimmed(200)
+]
+TaskTitle = Annotated[
+    str, Trimmed, StringConstraints(max_length=500), NoNul, Visible, _trimmed(500)
+]
 Description = Annotated[str, StringConstraints(max_length=10_000), NoNul, Documented]
 
 # Email addresses of the common ASCII form: a local part of one atom of at most

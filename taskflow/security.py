@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from werkzeug.datastructures import Headers
 
 from .data import accounts
-from .db import backends, session
+from .db import backends
 from .errors import APIError
 from .tokens import ACCESS_TOKEN_LIFETIME, Caller, TokenType, verify_token
 
@@ -57,18 +57,24 @@ def verify_access_token(token: str) -> Caller:
     return verify_token(token, TokenType.ACCESS, secret_key())
 
 
-def request_caller() -> Caller | None:
-    """The caller named by this request's bearer token, verified, or None.
+async def request_caller() -> Caller | None:
+    """The caller of this request: None without a bearer token; a 401 unless
+    the token is valid and its session live.
 
-    Verified once per request: the rate limiter's key and ``require_auth``
-    both ask. Raises a 401 for a token that is present but bad. The session is
-    checked by ``require_auth``, not here.
+    Checked once per request, before the body is read and in a short session
+    of its own, so that no database connection or transaction is held while a
+    client sends its body (the rate limiter's key asks first, then
+    ``require_auth``).
     """
     if "caller" not in g:
         token = bearer_token(request.headers)
-        g.caller = verify_access_token(token) if token is not None else None
-    caller: Caller | None = g.caller
-    return caller
+        caller = verify_access_token(token) if token is not None else None
+        if caller is not None:
+            async with backends().read_sessionmaker() as db_session:
+                await require_live_session(db_session, caller)
+        g.caller = caller
+    known: Caller | None = g.caller
+    return known
 
 
 # Sessions
@@ -136,10 +142,9 @@ def require_auth(view: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R
 
     @functools.wraps(view)
     async def wrapper(*args: Any, **kwargs: Any) -> R:
-        caller = request_caller()
+        caller = await request_caller()
         if caller is None:
             raise APIError(401, "unauthorized", "Authentication is required.")
-        await require_live_session(session(), caller)
         return await view(*args, caller=caller, **kwargs)
 
     setattr(wrapper, REQUIRES_AUTH_ATTRIBUTE, True)

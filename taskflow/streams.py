@@ -7,10 +7,8 @@ stream that finds one missing (still on its way from another instance, or
 lost while Redis was away) reads the gap from the event log. While the broker
 is disconnected, streams poll the log instead.
 
-A ``Subscription`` is one socket's interest in one project. Until the socket
-has been sent its replay (``since``), live events are held; then each event is
-passed on once, in order, and a ``member.removed`` of the subscriber or a
-``project.deleted`` ends it.
+A ``Subscription`` is one socket's interest in one project: until the socket
+has caught up with the stream from the log, then live.
 """
 
 from __future__ import annotations
@@ -72,47 +70,61 @@ class DatabaseLog:
 
 
 class Subscription:
-    """One socket's subscription to one project."""
+    """One socket's subscription to one project.
+
+    Until it goes live, its socket is being sent the project's log (paced by
+    the reader, see ``ws``) and the stream's events are left to that, but for a
+    ``project.deleted``, which the log loses with the project. Live, each of
+    the stream's events is passed on once, in order. A ``member.removed`` of
+    the subscriber later than the log position at which the membership was
+    confirmed (``member_at``) ends the subscription unsent; a
+    ``project.deleted`` ends it once sent.
+    """
 
     def __init__(self, subscriber: Subscriber, project_id: uuid.UUID) -> None:
         self.subscriber = subscriber
         self.project_id = project_id
+        self.member_at = 0
         self.last_id = 0
         self.live = False
-        self.held: list[tuple[Envelope, str]] = []
         self.ended = False
+        self._deleted: tuple[Envelope, str] | None = None
 
     def offer(self, event: Envelope, frame: str) -> None:
-        """Take the stream's next event: held until the replay is sent, then sent."""
-        if self.ended:
-            return
-        if not self.live:
-            self.held.append((event, frame))
-            return
-        self._pass_on(event, frame)
+        """Take the stream's next event."""
+        if self.live:
+            self.pass_on(event, frame)
+        elif event["event"] == EventKind.PROJECT_DELETED:
+            self._deleted = (event, frame)
 
-    def go_live(self, last_id: int) -> None:
-        """The replay up to *last_id* is sent: pass on what was held after it, then
-        every event as it comes."""
-        self.last_id = max(self.last_id, last_id)
+    def go_live(self) -> None:
         self.live = True
-        held, self.held = self.held, []
-        for event, frame in held:
-            self._pass_on(event, frame)
+        if self._deleted is not None:
+            self.pass_on(*self._deleted)
 
-    def _pass_on(self, event: Envelope, frame: str) -> None:
+    def admit(self, event: Envelope) -> bool:
+        """Whether *event* is to be sent: each once, in order. Ends the
+        subscription at a removal of the subscriber."""
         if self.ended or event["id"] <= self.last_id:
-            return
+            return False
         self.last_id = event["id"]
-        kind = event["event"]
-        if kind == EventKind.MEMBER_REMOVED and event["data"].get("user_id") == str(
-            self.subscriber.user_id
+        if (
+            event["event"] == EventKind.MEMBER_REMOVED
+            and event["id"] > self.member_at
+            and event["data"].get("user_id") == str(self.subscriber.user_id)
         ):
             self.subscriber.end_subscription(self, "removed")
-            return
-        self.subscriber.enqueue(frame)
-        if kind == EventKind.PROJECT_DELETED:
+            return False
+        return True
+
+    def sent(self, event: Envelope) -> None:
+        if event["event"] == EventKind.PROJECT_DELETED:
             self.subscriber.end_subscription(self, "project_deleted")
+
+    def pass_on(self, event: Envelope, frame: str) -> None:
+        if self.admit(event):
+            self.subscriber.enqueue(frame)
+            self.sent(event)
 
 
 class Stream:
@@ -175,6 +187,14 @@ class Stream:
             subscription.offer(event, frame)
 
 
+class ByteBudget:
+    """Bytes of frames waiting to be sent, across this process's sockets."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+
 class Closable(Protocol):
     def close(self, code: int, reason: str) -> None: ...
 
@@ -182,9 +202,10 @@ class Closable(Protocol):
 class Hub:
     """The process's streams, fed by the broker, and its open sockets."""
 
-    def __init__(self, broker: Broker, event_log: EventLog) -> None:
+    def __init__(self, broker: Broker, event_log: EventLog, send_budget: ByteBudget) -> None:
         self.broker = broker
         self.event_log = event_log
+        self.send_budget = send_budget
         self.streams: dict[uuid.UUID, Stream] = {}
         self.sockets: set[Closable] = set()
         self._joining = asyncio.Lock()
@@ -218,6 +239,11 @@ class Hub:
                     del self.streams[subscription.project_id]
                     raise
             stream.subscriptions.add(subscription)
+
+    def position(self, project_id: uuid.UUID) -> int:
+        """The id of the last event this process's stream of the project has passed on."""
+        stream = self.streams.get(project_id)
+        return stream.last_id if stream is not None else 0
 
     def leave(self, subscription: Subscription) -> None:
         subscription.ended = True

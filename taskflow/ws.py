@@ -14,7 +14,10 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sys
+import time
 import uuid
+from collections import deque
 from collections.abc import AsyncGenerator
 from datetime import timedelta
 from typing import Annotated, Literal
@@ -23,17 +26,18 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from quart import Blueprint, Quart, current_app, websocket
 from quart_rate_limiter import RateLimit
 
-from .access import member_role
+from .access import current_role
 from .config import Config
-from .data.events import events_after, latest_event_id
+from .data.events import READ_PAGE_SIZE, event_page, latest_event_id
 from .db import backends
 from .errors import APIError
-from .limits import MemoryBuckets, rate_limiter
+from .limits import MemoryBuckets, address_key, rate_limiter
 from .security import bearer_token, require_live_session, session_is_live, verify_access_token
-from .streams import DatabaseLog, Hub, Subscription, frame_of
+from .streams import ByteBudget, DatabaseLog, Hub, Subscription, frame_of
 from .tokens import Caller
 
 log = logging.getLogger(__name__)
+access_log = logging.getLogger("taskflow.access")
 
 blueprint = Blueprint("ws", __name__)
 
@@ -42,11 +46,15 @@ MAX_MESSAGE_BYTES = 64 * 1024
 SESSION_CHECK_SECONDS = 2.0
 CLOSE_TIMEOUT_SECONDS = 1.0
 
+# Subscriptions one socket may hold at once.
+MAX_SUBSCRIPTIONS = 100
+
 CLOSE_UNAUTHORIZED = 4401
 CLOSE_TOO_MANY_CONNECTIONS = 4429
 CLOSE_TOO_SLOW = 1008
 CLOSE_TOO_BIG = 1009
 CLOSE_RESTARTING = 1012
+CLOSE_SERVER_ERROR = 1011
 
 EXTENSION_KEY = "taskflow.hub"
 
@@ -78,13 +86,17 @@ class PingFrame(Frame):
     type: Literal["ping"]
 
 
-ClientFrame = TypeAdapter(
-    Annotated[
-        AuthFrame | SubscribeFrame | UnsubscribeFrame | PingFrame, Field(discriminator="type")
-    ]
-)
+AnyFrame = AuthFrame | SubscribeFrame | UnsubscribeFrame | PingFrame
+ClientFrame: TypeAdapter[AnyFrame] = TypeAdapter(Annotated[AnyFrame, Field(discriminator="type")])
 
-BAD_MESSAGE = frame_of({"type": "error", "code": "bad_message"})
+
+def error_frame(code: str, project_id: uuid.UUID | None = None) -> str:
+    if project_id is None:
+        return frame_of({"type": "error", "code": code})
+    return frame_of({"type": "error", "code": code, "project_id": str(project_id)})
+
+
+BAD_MESSAGE = error_frame("bad_message")
 
 
 def hub() -> Hub:
@@ -105,19 +117,27 @@ class Refused(Exception):
 
 async def authenticate(config: Config) -> Caller:
     """The caller of this socket, from its handshake or its first message."""
+    # Before authentication a socket is the route's, limited per address as
+    # every route is.
+    per_address = RateLimit(config.rate_limit_per_minute, timedelta(minutes=1))
+    address = await rate_limiter().buckets.acquire(
+        f"ws-handshake:{await address_key()}", per_address
+    )
+    if not address.allowed:
+        raise Refused(CLOSE_TOO_MANY_CONNECTIONS, "too many connections")
     try:
         token = bearer_token(websocket.headers)
     except APIError as error:
-        raise Refused(CLOSE_UNAUTHORIZED, "expected a bearer token") from error
+        raise Refused(CLOSE_UNAUTHORIZED, "expected one bearer token") from error
     if token is None:
         try:
             async with asyncio.timeout(AUTH_TIMEOUT_SECONDS):
                 message = await websocket.receive()
-            frame = ClientFrame.validate_json(message)
         except TimeoutError:
             raise Refused(CLOSE_UNAUTHORIZED, "no authentication within 10 seconds") from None
-        except ValidationError:
-            raise Refused(CLOSE_UNAUTHORIZED, "the first message must authenticate") from None
+        if too_big(message):
+            raise Refused(CLOSE_TOO_BIG, "message over 64 KiB")
+        frame = parse_frame(message)
         if not isinstance(frame, AuthFrame):
             raise Refused(CLOSE_UNAUTHORIZED, "the first message must authenticate")
         token = frame.token.strip()
@@ -127,13 +147,91 @@ async def authenticate(config: Config) -> Caller:
             await require_live_session(db_session, caller)
     except APIError as error:
         raise Refused(CLOSE_UNAUTHORIZED, error.code) from None
-    connections_per_minute = RateLimit(config.ws_connections_per_minute, timedelta(minutes=1))
-    decision = await rate_limiter().buckets.acquire(
-        f"ws-connect:{caller.user_id}", connections_per_minute
-    )
+    except Exception:
+        log.exception("websocket authentication failed")
+        raise Refused(CLOSE_SERVER_ERROR, "try again later") from None
+    per_user = RateLimit(config.ws_connections_per_minute, timedelta(minutes=1))
+    decision = await rate_limiter().buckets.acquire(f"ws-connect:{caller.user_id}", per_user)
     if not decision.allowed:
         raise Refused(CLOSE_TOO_MANY_CONNECTIONS, "too many connections")
     return caller
+
+
+def too_big(message: str | bytes) -> bool:
+    return len(message) > MAX_MESSAGE_BYTES or (
+        isinstance(message, str) and len(message.encode()) > MAX_MESSAGE_BYTES
+    )
+
+
+def parse_frame(message: str | bytes) -> AnyFrame | None:
+    """A client's text frame, or None for anything else: a binary frame, bad
+    JSON, an unknown type."""
+    if not isinstance(message, str):
+        return None
+    try:
+        return ClientFrame.validate_json(message)
+    except ValidationError:
+        return None
+
+
+class Outbox:
+    """A socket's frames waiting to be sent, bounded in memory: its own bytes
+    and its worker's (``ByteBudget``).
+
+    A live frame that would exceed a bound is refused: the reader is too slow.
+    A frame of a catch-up waits until the reader has made room, within half of
+    each bound (the other half is for live frames), so a client far behind is
+    paced by its own reading; one frame always fits in an empty outbox.
+    """
+
+    def __init__(self, limit: int, worker: ByteBudget) -> None:
+        self._frames: deque[tuple[str, int]] = deque()
+        self._bytes = 0
+        self._limit = limit
+        self._worker = worker
+        self._readable = asyncio.Event()
+        self._drained = asyncio.Event()
+
+    def _fits(self, size: int, share: float) -> bool:
+        return (
+            self._bytes + size <= self._limit * share
+            and self._worker.used + size <= self._worker.limit * share
+        )
+
+    def _append(self, frame: str, size: int) -> None:
+        self._frames.append((frame, size))
+        self._bytes += size
+        self._worker.used += size
+        self._readable.set()
+
+    def put(self, frame: str) -> bool:
+        size = sys.getsizeof(frame)
+        if not self._fits(size, 1.0):
+            return False
+        self._append(frame, size)
+        return True
+
+    async def put_paced(self, frame: str) -> None:
+        size = sys.getsizeof(frame)
+        while self._frames and not self._fits(size, 0.5):
+            self._drained.clear()
+            await self._drained.wait()
+        self._append(frame, size)
+
+    async def get(self) -> str:
+        while not self._frames:
+            self._readable.clear()
+            await self._readable.wait()
+        frame, size = self._frames.popleft()
+        self._bytes -= size
+        self._worker.used -= size
+        self._drained.set()
+        return frame
+
+    def clear(self) -> None:
+        self._worker.used -= self._bytes
+        self._frames.clear()
+        self._bytes = 0
 
 
 # One connection
@@ -146,7 +244,7 @@ class Connection:
         self.caller = caller
         self.user_id = caller.user_id
         self.subscriptions: dict[uuid.UUID, Subscription] = {}
-        self.outbox: asyncio.Queue[str] = asyncio.Queue(config.ws_send_queue)
+        self.outbox = Outbox(config.ws_send_buffer_bytes, hub().send_budget)
         self.done = asyncio.Event()
         self.close_code: int | None = None
         self.close_reason = ""
@@ -177,6 +275,7 @@ class Connection:
             for subscription in tuple(self.subscriptions.values()):
                 self._unsubscribe(subscription)
             hub_.sockets.discard(self)
+            self.outbox.clear()
         if self.close_code is not None:
             await close_socket(self.close_code, self.close_reason)
 
@@ -199,12 +298,11 @@ class Connection:
         try:
             while True:
                 message = await websocket.receive()
-                size = len(message.encode() if isinstance(message, str) else message)
-                if size > MAX_MESSAGE_BYTES:
+                if too_big(message):
                     self.close(CLOSE_TOO_BIG, "message over 64 KiB")
                     return
                 if not self.message_buckets.acquire("messages", self.message_limit).allowed:
-                    self.enqueue(frame_of({"type": "error", "code": "rate_limited"}))
+                    self.enqueue(error_frame("rate_limited"))
                     continue
                 await self._handle(message)
         except asyncio.CancelledError:
@@ -215,14 +313,7 @@ class Connection:
             self.done.set()
 
     async def _handle(self, message: str | bytes) -> None:
-        if isinstance(message, bytes):
-            self.enqueue(BAD_MESSAGE)
-            return
-        try:
-            frame = ClientFrame.validate_json(message)
-        except ValidationError:
-            self.enqueue(BAD_MESSAGE)
-            return
+        frame = parse_frame(message)
         if isinstance(frame, PingFrame):
             self.enqueue(frame_of({"type": "pong"}))
         elif isinstance(frame, SubscribeFrame):
@@ -232,39 +323,80 @@ class Connection:
             if subscription is not None:
                 self._unsubscribe(subscription)
             self.enqueue(frame_of({"type": "unsubscribed", "project_id": str(frame.project_id)}))
-        else:  # a second auth frame
+        else:  # not a frame of the protocol, or a second auth frame
             self.enqueue(BAD_MESSAGE)
 
     async def _subscribe(self, project_id: uuid.UUID, since: int | None) -> None:
         if project_id in self.subscriptions:
             self._unsubscribe(self.subscriptions[project_id])
-        # Short sessions, never two at once: on SQLite each holds the lock.
-        async with backends().sessionmaker() as db_session:
-            role = await member_role(db_session, project_id, self.user_id)
-        if role is None:
+        if len(self.subscriptions) >= MAX_SUBSCRIPTIONS:
             self.enqueue(
-                frame_of({"type": "error", "code": "not_found", "project_id": str(project_id)})
+                frame_of(
+                    {
+                        "type": "error",
+                        "code": "too_many_subscriptions",
+                        "project_id": str(project_id),
+                    }
+                )
             )
             return
+        hub_ = hub()
         subscription = Subscription(self, project_id)
+        # Join first, then read where the log stands, then check the
+        # membership as the database has it now: a removal that commits later
+        # has a later event, which the subscription will see and stop at.
+        await hub_.join(subscription)
+        try:
+            # Short sessions, never two at once: on SQLite each holds the lock.
+            async with backends().sessionmaker() as db_session:
+                position = await latest_event_id(db_session, project_id)
+                role = await current_role(db_session, project_id, self.user_id)
+        except BaseException:
+            hub_.leave(subscription)
+            raise
+        if role is None:
+            hub_.leave(subscription)
+            self.enqueue(error_frame("not_found", project_id))
+            return
         self.subscriptions[project_id] = subscription
-        await hub().join(subscription)
-        async with backends().sessionmaker() as db_session:
-            if since is None:
-                last_id = await latest_event_id(db_session, project_id)
-            else:
-                # Everything after `since`, as the log has it; what commits
-                # meanwhile is held by the subscription and follows.
-                last_id = since
-                async for event in events_after(db_session, project_id, since):
-                    self.enqueue(frame_of(event))
-                    last_id = event["id"]
+        subscription.member_at = position
+        # Ids are one sequence across projects: a `since` beyond this project's
+        # log would skip its next events.
+        subscription.last_id = position if since is None else min(since, position)
+        await self._catch_up(subscription)
+        if subscription.ended:
+            return
         self.enqueue(
             frame_of(
-                {"type": "subscribed", "project_id": str(project_id), "last_event_id": last_id}
+                {
+                    "type": "subscribed",
+                    "project_id": str(project_id),
+                    "last_event_id": subscription.last_id,
+                }
             )
         )
-        subscription.go_live(last_id)
+        subscription.go_live()
+
+    async def _catch_up(self, subscription: Subscription) -> None:
+        """Send the log from the subscription's position to the stream's, paced
+        by the reader; a page at a time, no session held while the client reads.
+
+        Between the last check and going live nothing awaits, so every event
+        the stream passes on afterwards is one this did not send.
+        """
+        while not subscription.ended:
+            if subscription.last_id >= hub().position(subscription.project_id):
+                return
+            async with backends().sessionmaker() as db_session:
+                page = await event_page(
+                    db_session, subscription.project_id, subscription.last_id, READ_PAGE_SIZE
+                )
+            if not page.items:
+                return  # the log has no more: the project was deleted meanwhile
+            for event in page.items:
+                if subscription.admit(event):
+                    await self.outbox.put_paced(frame_of(event))
+                    subscription.sent(event)
 
     def _unsubscribe(self, subscription: Subscription) -> None:
         hub().leave(subscription)
@@ -287,9 +419,7 @@ class Connection:
     # Sending
 
     def enqueue(self, frame: str) -> None:
-        try:
-            self.outbox.put_nowait(frame)
-        except asyncio.QueueFull:
+        if not self.outbox.put(frame):
             # Too slow to keep up: drop it rather than make anyone wait.
             self.close(CLOSE_TOO_SLOW, "too slow")
 
@@ -312,20 +442,43 @@ async def close_socket(code: int, reason: str) -> None:
 async def ws() -> None:
     """Live events: see the README's WebSocket section for the protocol."""
     config: Config = current_app.config["TASKFLOW"]
+    started = time.perf_counter()
     await websocket.accept()
     try:
         caller = await authenticate(config)
     except Refused as refused:
         await close_socket(refused.code, refused.reason)
+        log_socket(started, refused.code)
         return
-    await Connection(caller, config).serve()
+    connection = Connection(caller, config)
+    try:
+        await connection.serve()
+    finally:
+        log_socket(started, connection.close_code or 1000)
+
+
+def log_socket(started: float, close_code: int) -> None:
+    """One access-log line per socket, as for a request, when it ends."""
+    access_log.info(
+        "websocket",
+        extra={
+            "fields": {
+                "path": websocket.path,
+                "close_code": close_code,
+                "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+            }
+        },
+    )
 
 
 def init_app(app: Quart) -> None:
     @app.while_serving
     async def lifespan() -> AsyncGenerator[None, None]:
+        config: Config = app.config["TASKFLOW"]
         hub_ = app.extensions[EXTENSION_KEY] = Hub(
-            backends().broker, DatabaseLog(backends().sessionmaker)
+            backends().broker,
+            DatabaseLog(backends().sessionmaker),
+            ByteBudget(config.ws_worker_buffer_bytes),
         )
         await hub_.start()
         # Under hypercorn's workers SIGTERM would end this process outright:

@@ -5,7 +5,8 @@ A few rules of the contract cannot be written in JSON Schema: a cursor must
 be one the server signed, an assignee must be a member of the project, a
 password may be 72 characters but at most 72 bytes in UTF-8, a timestamp must
 fall within years 1 to 9999 once turned to UTC (0001-01-01T00:30:00+01:00 does
-not). For the
+not), a name or title must have a character that shows (not only zero-width or
+direction marks). For the
 operations where they apply, schemathesis.toml adds their 422 to the statuses
 a schema-valid request may get; this check holds each such 422 to exactly
 those rules: every error it reports must be on that field, for that reason.
@@ -19,6 +20,8 @@ from typing import Any
 
 import schemathesis
 
+from taskflow.schemas import has_visible_character
+
 Rule = Callable[[Any], bool]
 
 
@@ -28,6 +31,10 @@ def _sent(value: Any) -> bool:
 
 def _over_72_bytes(value: Any) -> bool:
     return isinstance(value, str) and len(value.encode()) > 72
+
+
+def _invisible(value: Any) -> bool:
+    return isinstance(value, str) and not has_visible_character(value)
 
 
 def _outside_utc_years(value: Any) -> bool:
@@ -43,14 +50,29 @@ def _outside_utc_years(value: Any) -> bool:
 # operation → {field: whether the value sent breaks the unwritable rule}
 UNWRITABLE: dict[str, dict[str, Rule]] = {
     "GET /projects": {"cursor": _sent},
+    "POST /projects": {"name": _invisible},
+    "PUT /projects/{project_id}": {"name": _invisible},
+    "PATCH /projects/{project_id}": {"name": _invisible},
     "GET /projects/{project_id}/tasks": {
         "cursor": _sent,
         "due_before": _outside_utc_years,
         "due_after": _outside_utc_years,
     },
-    "POST /projects/{project_id}/tasks": {"assignee_id": _sent, "due_date": _outside_utc_years},
-    "PUT /tasks/{task_id}": {"assignee_id": _sent, "due_date": _outside_utc_years},
-    "PATCH /tasks/{task_id}": {"assignee_id": _sent, "due_date": _outside_utc_years},
+    "POST /projects/{project_id}/tasks": {
+        "assignee_id": _sent,
+        "due_date": _outside_utc_years,
+        "title": _invisible,
+    },
+    "PUT /tasks/{task_id}": {
+        "assignee_id": _sent,
+        "due_date": _outside_utc_years,
+        "title": _invisible,
+    },
+    "PATCH /tasks/{task_id}": {
+        "assignee_id": _sent,
+        "due_date": _outside_utc_years,
+        "title": _invisible,
+    },
     "POST /auth/register": {"password": _over_72_bytes},
 }
 

@@ -11,14 +11,14 @@ import jwt
 import pytest
 from quart import Quart
 from quart.typing import TestClientProtocol as Client
-from sqlalchemy import delete
+from sqlalchemy import delete, select, update
 
 from taskflow.config import Config
 from taskflow.db import backends
-from taskflow.models import User
+from taskflow.models import AuthSession, User
 from taskflow.passwords import BCRYPT_QUEUE, BCRYPT_THREADS, hasher
 
-from .conftest import PASSWORD, create_user, login, problem_of, running
+from .support import PASSWORD, create_user, login, problem_of, running
 
 
 async def json_of(response: Any) -> Any:
@@ -243,10 +243,29 @@ async def test_token_of_a_deleted_user_is_refused(client: Client, app: Quart) ->
     assert response.status_code == 401
 
 
-async def test_reusing_a_spent_refresh_token_revokes_the_whole_session(client: Client) -> None:
+async def age_the_last_refresh(app: Quart, seconds: float) -> None:
+    """Move every session's last refresh *seconds* into the past."""
+    async with app.app_context(), backends().engine.begin() as connection:
+        refreshed = await connection.execute(
+            select(AuthSession.id, AuthSession.refreshed_at).where(
+                AuthSession.refreshed_at.is_not(None)
+            )
+        )
+        for session_id, refreshed_at in refreshed.all():
+            await connection.execute(
+                update(AuthSession)
+                .where(AuthSession.id == session_id)
+                .values(refreshed_at=refreshed_at - timedelta(seconds=seconds))
+            )
+
+
+async def test_reusing_a_spent_refresh_token_revokes_the_whole_session(
+    app: Quart, client: Client
+) -> None:
     user = await create_user(client)
     first = await client.post("/auth/refresh", json={"refresh_token": user.refresh_token})
     newest = await json_of(first)
+    await age_the_last_refresh(app, 11)  # past the reuse interval: a thief's replay
 
     replay = await client.post("/auth/refresh", json={"refresh_token": user.refresh_token})
     problem_of(replay, await json_of(replay), 401, "session_revoked")
@@ -263,12 +282,37 @@ async def test_reusing_a_spent_refresh_token_revokes_the_whole_session(client: C
     assert (await client.get("/auth/me", headers=bearer(other["access_token"]))).status_code == 200
 
 
-async def test_of_concurrent_refreshes_exactly_one_succeeds(client: Client) -> None:
+async def test_a_token_spent_moments_ago_is_token_expired_and_revokes_nothing(
+    app: Quart, client: Client
+) -> None:
+    user = await create_user(client)
+    first = await client.post("/auth/refresh", json={"refresh_token": user.refresh_token})
+    newest = await json_of(first)
+    await age_the_last_refresh(app, 9)  # still within the 10 s
+
+    again = await client.post("/auth/refresh", json={"refresh_token": user.refresh_token})
+    problem_of(again, await json_of(again), 401, "token_expired")
+    me = await client.get("/auth/me", headers=bearer(newest["access_token"]))
+    assert me.status_code == 200
+    following = await client.post("/auth/refresh", json={"refresh_token": newest["refresh_token"]})
+    assert following.status_code == 200
+
+
+async def test_of_concurrent_refreshes_exactly_one_succeeds_and_its_tokens_work(
+    client: Client,
+) -> None:
     user = await create_user(client)
     body = {"refresh_token": user.refresh_token}
     responses = await asyncio.gather(*(client.post("/auth/refresh", json=body) for _ in range(20)))
     statuses = sorted(response.status_code for response in responses)
     assert statuses == [200] + [401] * 19
+    losers = [await json_of(r) for r in responses if r.status_code == 401]
+    assert {loser["code"] for loser in losers} == {"token_expired"}
+    (winner,) = [await json_of(r) for r in responses if r.status_code == 200]
+    me = await client.get("/auth/me", headers=bearer(winner["access_token"]))
+    assert me.status_code == 200
+    following = await client.post("/auth/refresh", json={"refresh_token": winner["refresh_token"]})
+    assert following.status_code == 200
 
 
 async def test_healthz_answers_while_logins_hash(environ: dict[str, str]) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 from quart import Quart
 from quart.typing import TestClientProtocol as Client
 
-from .conftest import (
+from .support import (
     PASSWORD,
     TestUser,
     add_member,

@@ -13,7 +13,7 @@ from quart import Quart
 
 from taskflow.config import Config
 
-from .conftest import PASSWORD, live_server, snapshot
+from .support import PASSWORD, live_server, register_user, snapshot
 
 JSON = {"Content-Type": "application/json"}
 
@@ -244,15 +244,11 @@ async def test_bad_input_corpus(app: Quart, config: Config, environ: dict[str, s
 
 
 async def seed(http: httpx.AsyncClient) -> dict[str, str]:
-    ids = {}
-    for who in ("owner", "member", "stranger"):
-        email = f"{who}@example.com"
-        user = await http.post("/auth/register", json={"email": email, "password": PASSWORD})
-        ids[who] = user.json()["id"]
-        if who == "owner":
-            tokens = await http.post("/auth/login", json={"email": email, "password": PASSWORD})
-            ids["access"] = tokens.json()["access_token"]
-    auth = {"Authorization": f"Bearer {ids['access']}"}
+    roles = ("owner", "member", "stranger")
+    users = {who: await register_user(http, f"{who}@example.com") for who in roles}
+    ids = {who: user.id for who, user in users.items()}
+    ids["access"] = users["owner"].access_token
+    auth = users["owner"].headers
     project = (await http.post("/projects", json={"name": "P"}, headers=auth)).json()
     await http.post(
         f"/projects/{project['id']}/members", json={"email": "member@example.com"}, headers=auth

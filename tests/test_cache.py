@@ -16,18 +16,19 @@ from taskflow.config import Config
 from taskflow.data.tasks import TaskDocument, task_key
 from taskflow.jsonio import dumps
 
-from .conftest import (
+from .support import (
     ON_POSTGRES,
-    PASSWORD,
     TEST_REDIS_URL,
     TestUser,
     create_task,
+    create_user,
     free_port,
     live_server,
+    private_redis,
     redis_only,
+    register_user,
     running,
 )
-from .test_ws import private_redis
 
 two_instances = pytest.mark.skipif(
     not (ON_POSTGRES and TEST_REDIS_URL), reason="two instances share PostgreSQL and Redis"
@@ -37,17 +38,14 @@ two_instances = pytest.mark.skipif(
 class Caller:
     """A user of the API, over HTTP, on whichever instance they are sent to."""
 
-    def __init__(self, user_id: str, email: str, access_token: str) -> None:
-        self.id = user_id
-        self.email = email
-        self.headers = {"Authorization": f"Bearer {access_token}"}
+    def __init__(self, user: TestUser) -> None:
+        self.id = user.id
+        self.email = user.email
+        self.headers = user.headers
 
     @classmethod
     async def register(cls, http: httpx.AsyncClient) -> "Caller":
-        credentials = {"email": f"cache-{uuid.uuid4().hex[:8]}@example.com", "password": PASSWORD}
-        user = (await http.post("/auth/register", json=credentials)).json()
-        tokens = (await http.post("/auth/login", json=credentials)).json()
-        return cls(user["id"], user["email"], tokens["access_token"])
+        return cls(await register_user(http))
 
     async def get(self, http: httpx.AsyncClient, path: str) -> httpx.Response:
         return await http.get(path, headers=self.headers)
@@ -153,7 +151,7 @@ async def test_without_redis_answering_reads_go_to_the_database(environ: dict[st
     config = Config.from_env({**environ, "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0"})
     async with private_redis(redis_port) as redis_server, running(config) as app:
         client = app.test_client()
-        owner = await register(client)
+        owner = (await create_user(client)).headers
         project = await (
             await client.post("/projects", json={"name": "P"}, headers=owner)
         ).get_json()
@@ -171,10 +169,3 @@ async def test_without_redis_answering_reads_go_to_the_database(environ: dict[st
             after = [await client.get(path, headers=owner) for _ in range(2)]
     assert (await during.get_json())["title"] == "during"
     assert [(await response.get_json())["title"] for response in after] == ["during"] * 2
-
-
-async def register(client: Client) -> dict[str, str]:
-    credentials = {"email": f"cache-{uuid.uuid4().hex[:8]}@example.com", "password": PASSWORD}
-    await client.post("/auth/register", json=credentials)
-    tokens = await (await client.post("/auth/login", json=credentials)).get_json()
-    return {"Authorization": f"Bearer {tokens['access_token']}"}

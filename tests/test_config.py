@@ -59,7 +59,7 @@ def test_full_configuration_from_the_environment() -> None:
     assert config.redis_url == "rediss://:pw@cache.example:6380/0"
     assert config.secret_key == SECRET
     assert (config.port, config.trusted_proxy_hops, config.bcrypt_rounds) == (5000, 1, 10)
-    assert not config.is_sqlite
+    assert not config.database_url.startswith("sqlite")
 
 
 @pytest.mark.parametrize(
@@ -82,7 +82,7 @@ def test_bad_values_are_refused_with_the_variable_named(
 
 def test_embedded_default_keeps_a_generated_secret_beside_the_database(tmp_path: Path) -> None:
     first = Config.from_env({"TASKFLOW_INSTANCE_DIR": str(tmp_path)})
-    assert first.is_sqlite
+    assert first.database_url.startswith("sqlite")
     assert first.redis_url is None
     assert first.database_url.startswith("sqlite+aiosqlite:///")
     assert first.database_url.endswith(str(tmp_path / "taskflow.sqlite3"))
@@ -101,10 +101,23 @@ def test_create_app_reads_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_p
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("TASKFLOW_INSTANCE_DIR", str(tmp_path))
     app = create_app()
-    assert app.config["TASKFLOW"].is_sqlite
+    assert app.config["TASKFLOW"].database_url.startswith("sqlite")
     assert (tmp_path / "secret_key").exists()
 
     monkeypatch.setenv("DATABASE_URL", "postgres://u@h/app")
     with pytest.raises(ConfigError):
         create_app()
     assert os.environ["DATABASE_URL"]
+
+
+def test_the_embedded_database_is_private(tmp_path: Path) -> None:
+    instance = tmp_path / "instance"
+    Config.from_env({"TASKFLOW_INSTANCE_DIR": str(instance)})
+    assert stat.S_IMODE(instance.stat().st_mode) == 0o700
+    assert stat.S_IMODE((instance / "taskflow.sqlite3").stat().st_mode) == 0o600
+    # A directory given that exists keeps its mode; the database file is private still.
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    Config.from_env({"TASKFLOW_INSTANCE_DIR": str(shared)})
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o755
+    assert stat.S_IMODE((shared / "taskflow.sqlite3").stat().st_mode) == 0o600

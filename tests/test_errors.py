@@ -3,6 +3,7 @@ and fail, registered on a real app beside its own routes."""
 
 import json
 import logging
+import socket
 import uuid
 from collections.abc import AsyncIterator
 from datetime import datetime
@@ -19,8 +20,9 @@ from taskflow import create_app
 from taskflow.config import Config
 from taskflow.db import session
 from taskflow.errors import is_unavailable
+from taskflow.logs import JSONFormatter
 
-from .conftest import problem_of, running
+from .support import live_server, problem_of, running
 
 probe = Blueprint("probe", __name__)
 
@@ -205,3 +207,65 @@ def test_server_side_shutdowns_are_unavailable_not_bugs(sqlstate: str, unavailab
     orig.sqlstate = sqlstate  # type: ignore[attr-defined]
     error = DBAPIError("SELECT 1", None, orig)
     assert is_unavailable(error) is unavailable
+
+
+@probe.post("/probe/leak")
+async def leak() -> dict[str, str]:
+    """A statement that fails with a secret-looking value among its parameters."""
+    await session().execute(
+        text("INSERT INTO users (id, email, password_hash) VALUES (:id, :email, NULL)"),
+        {"id": uuid.uuid4(), "email": "leaked-address@example.com"},
+    )
+    return {}
+
+
+async def test_a_failing_statements_parameters_never_reach_the_log(
+    probe_client: Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    response = await probe_client.post("/probe/leak")
+    problem_of(response, await response.get_json(), 500, "internal_error")
+    logged = "\n".join(JSONFormatter().format(record) for record in caplog.records)
+    assert "INSERT INTO users" in logged  # the failure is logged, with its statement
+    assert "leaked-address@example.com" not in logged
+
+
+async def test_an_object_of_many_members_is_a_small_422(probe_client: Client) -> None:
+    members = {f"k{n}": n for n in range(60_000)}  # just under 1 MiB
+    response = await probe_client.post("/auth/refresh", json=members)
+    body = await response.get_json()
+    problem_of(response, body, 422, "validation_failed")
+    assert body["errors"] == [{"field": "body", "message": "has more than 64 members"}]
+    assert len(await response.get_data()) < 1024
+
+
+async def test_a_422_lists_at_most_20_errors(probe_client: Client) -> None:
+    response = await probe_client.post("/probe", json={f"extra{n}": n for n in range(60)})
+    body = await response.get_json()
+    problem_of(response, body, 422, "validation_failed")
+    assert len(body["errors"]) == 20
+
+
+async def test_a_doubled_slash_is_not_the_route(probe_client: Client) -> None:
+    for path in ("//healthz", "//projects", "//auth/me"):
+        response = await probe_client.get(path)
+        problem_of(response, await response.get_json(), 404, "not_found")
+    assert (await probe_client.get("/healthz")).status_code == 200
+
+
+async def test_content_length_with_transfer_encoding_is_refused_and_closes(
+    environ: dict[str, str],
+) -> None:
+    async with live_server(environ) as url:
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(
+                b"POST /auth/login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+            )
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk  # ends when the server closes the connection
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400")
+    assert json.loads(body)["status"] == 400

@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from taskflow.config import Config
 from taskflow.models import Event, Task
 
-from .conftest import ON_POSTGRES, PASSWORD, hypercorn, live_server, running
+from .support import ON_POSTGRES, PASSWORD, hypercorn, live_server, register_user, running
 
 CLUSTER = next(iter(os.listdir("/etc/postgresql")), "") if Path("/etc/postgresql").exists() else ""
 
@@ -37,10 +37,7 @@ async def test_postgres_restart_is_503_then_recovers_with_no_partial_writes(
 ) -> None:
     async with running(config), live_server(environ) as url:
         async with httpx.AsyncClient(base_url=url, timeout=30) as http:
-            email = f"fault-{uuid.uuid4().hex[:8]}@example.com"
-            await http.post("/auth/register", json={"email": email, "password": PASSWORD})
-            login = await http.post("/auth/login", json={"email": email, "password": PASSWORD})
-            auth = {"Authorization": f"Bearer {login.json()['access_token']}"}
+            auth = (await register_user(http)).headers
             project = (await http.post("/projects", json={"name": "F"}, headers=auth)).json()
 
             results: list[tuple[float, int, str]] = []
@@ -100,7 +97,7 @@ async def written(config: Config, project_id: str) -> tuple[set[str], int]:
             await connection.execute(
                 select(func.count())
                 .select_from(Event)
-                .where(Event.project_id == uuid.UUID(project_id), Event.event == "task.created")
+                .where(Event.project_id == uuid.UUID(project_id), Event.kind == "task.created")
             )
         ).scalar_one()
     await engine.dispose()

@@ -3,7 +3,7 @@ from quart.typing import TestClientProtocol as Client
 from taskflow import create_app
 from taskflow.config import Config
 
-from .conftest import problem_of
+from .support import problem_of
 
 
 async def test_healthz(client: Client) -> None:

@@ -9,7 +9,7 @@ from quart.typing import TestClientProtocol as Client
 from taskflow.broker import RedisBroker
 from taskflow.db import backends
 
-from .conftest import create_project, create_user
+from .support import create_project, create_user
 
 
 async def test_two_users_work_on_a_project(app: Quart, client: Client) -> None:

@@ -17,7 +17,7 @@ from taskflow.db import after_commit, backends, session
 from taskflow.errors import APIError
 from taskflow.models import User
 
-from .conftest import TEST_REDIS_URL, redis_only, running
+from .support import TEST_REDIS_URL, redis_only, running
 
 probe = Blueprint("probe", __name__)
 PROJECT = uuid.uuid4()

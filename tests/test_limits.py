@@ -2,7 +2,6 @@
 
 import asyncio
 import contextlib
-import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
@@ -15,18 +14,19 @@ from quart.typing import TestClientProtocol as Client
 
 from taskflow.config import Config
 
-from .conftest import (
+from .support import (
     ON_POSTGRES,
     PASSWORD,
     TEST_REDIS_URL,
     create_user,
     free_port,
     live_server,
+    private_redis,
     problem_of,
     redis_only,
+    register_user,
     running,
 )
-from .test_ws import private_redis
 
 AUTH_LIMIT = 3
 
@@ -181,7 +181,7 @@ async def test_redis_outage_is_no_outage_and_limits_come_back_shared(
     async with private_redis(redis_port) as redis_server, running(config):
         async with live_server(shared) as a, live_server(shared) as b:
             async with httpx.AsyncClient(base_url=a) as http:
-                user = await create_user_over(http)
+                user = (await register_user(http)).headers
             redis_server.kill()
             await redis_server.wait()
             during = await burst([a, b], "/auth/me", 60, headers=user)
@@ -195,8 +195,43 @@ async def test_redis_outage_is_no_outage_and_limits_come_back_shared(
     assert Counter(after) == {404: 20, 429: 40}
 
 
-async def create_user_over(http: httpx.AsyncClient) -> dict[str, str]:
-    email = f"limits-{uuid.uuid4().hex[:8]}@example.com"
-    await http.post("/auth/register", json={"email": email, "password": PASSWORD})
-    tokens = (await http.post("/auth/login", json={"email": email, "password": PASSWORD})).json()
-    return {"Authorization": f"Bearer {tokens['access_token']}"}
+async def test_spellings_of_one_email_share_its_login_limit(limited_app: Quart) -> None:
+    """The per-email key is the address as login normalises it."""
+    client = limited_app.test_client()
+    await create_user(client, "target@example.com")  # one login spent
+    # Case, then fullwidth (Unicode compatibility) forms of the domain.
+    spellings = [
+        "TARGET@EXAMPLE.COM",
+        "target@\uff45xample.com",
+        "Target@\uff25\uff38\uff21\uff2d\uff30\uff2c\uff25.com",
+    ]
+    statuses = []
+    for n, email in enumerate(spellings):
+        response = await client.post(
+            "/auth/login",
+            json={"email": email, "password": "guess-guess"},
+            headers=from_address(f"10.0.1.{n}"),
+        )
+        statuses.append(response.status_code)
+    assert statuses == [401] * (AUTH_LIMIT - 1) + [429], statuses
+
+
+async def test_ipv6_clients_are_limited_per_network(environ: dict[str, str]) -> None:
+    limited = {**environ, "TASKFLOW_RATE_LIMIT_PER_MINUTE": "3", "TASKFLOW_TRUSTED_PROXY_HOPS": "1"}
+    async with running(Config.from_env(limited)) as app:
+        client = app.test_client()
+        one_64 = [
+            "2001:db8:1:2::1",
+            "2001:db8:1:2:ffff::9",
+            "2001:db8:1:2::abcd",
+            "2001:db8:1:2::5",
+        ]
+        statuses = [
+            (await client.get("/healthz", headers=from_address(address))).status_code
+            for address in one_64
+        ]
+        assert statuses == [200, 200, 200, 429]
+        other_64 = await client.get("/healthz", headers=from_address("2001:db8:1:3::1"))
+        assert other_64.status_code == 200
+        ipv4 = await client.get("/healthz", headers=from_address("192.0.2.7"))
+        assert ipv4.status_code == 200

@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from taskflow.cli import alembic_config
 from taskflow.models import Base
 
-from .conftest import ON_POSTGRES, create_postgres_database, drop_postgres_database
+from .support import ON_POSTGRES, create_postgres_database, drop_postgres_database
 
 
 @pytest.fixture

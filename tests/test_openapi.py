@@ -12,7 +12,7 @@ import pytest
 from quart import Quart
 from quart.typing import TestClientProtocol as Client
 
-from .conftest import live_server
+from .support import live_server
 
 HIDDEN = {"openapi", "swagger_ui", "ops.docs_asset"}
 PROBLEM = {"$ref": "#/components/schemas/Problem"}

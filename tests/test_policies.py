@@ -7,7 +7,7 @@ from quart import Quart
 from quart.typing import TestClientProtocol as Client
 from werkzeug.routing import Rule
 
-from .conftest import problem_of
+from .support import problem_of
 
 # Routes anyone may call. Everything else must refuse a caller without a token.
 PUBLIC_ENDPOINTS = {

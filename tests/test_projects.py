@@ -10,7 +10,7 @@ from quart.typing import TestClientProtocol as Client
 from taskflow.blueprints.projects import MemberOut, ProjectOut
 from taskflow.models import Event, Project, ProjectMember, Task
 
-from .conftest import (
+from .support import (
     TestUser,
     add_member,
     count_rows,
@@ -282,3 +282,14 @@ async def test_event_feed_pages_oldest_first(
     for query in ("since=-1", "since=x", "limit=0", "limit=1001"):
         response = await client.get(f"{url}?{query}", headers=owner.headers)
         problem_of(response, await response.get_json(), 422, "validation_failed")
+
+
+async def test_a_name_that_shows_nothing_is_refused(client: Client, owner: TestUser) -> None:
+    for name in ("\u200b\u200b", "\u2066\u2069", "\u115f"):
+        response = await client.post("/projects", json={"name": name}, headers=owner.headers)
+        body = await response.get_json()
+        problem_of(response, body, 422, "validation_failed")
+        assert body["errors"][0]["field"] == "name"
+    assert (
+        await client.post("/projects", json={"name": "ok\u200d"}, headers=owner.headers)
+    ).status_code == 201

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 from quart import Quart
 
-from .conftest import PROJECT_ROOT, live_server
+from .support import PROJECT_ROOT, live_server, register_user
 
 # The users schemathesis.toml names: it logs in as the first and adds both as members.
 FUZZ_EMAILS = ("fuzz-owner@example.com", "fuzz-member@example.com")
@@ -32,16 +32,9 @@ async def test_schemathesis_finds_nothing(app: Quart, environ: dict[str, str]) -
     }
     async with live_server(environ) as url:
         async with httpx.AsyncClient(base_url=url) as http:
-            for email in FUZZ_EMAILS:
-                response = await http.post(
-                    "/auth/register", json={"email": email, "password": FUZZ_PASSWORD}
-                )
-                assert response.status_code == 201, response.text
+            users = [await register_user(http, email, FUZZ_PASSWORD) for email in FUZZ_EMAILS]
             # Something to find: a project of the fuzz user, with a task.
-            response = await http.post(
-                "/auth/login", json={"email": FUZZ_EMAILS[0], "password": FUZZ_PASSWORD}
-            )
-            headers = {"Authorization": f"Bearer {response.json()['access_token']}"}
+            headers = users[0].headers
             response = await http.post("/projects", json={"name": "Fuzzed"}, headers=headers)
             assert response.status_code == 201, response.text
             tasks = f"/projects/{response.json()['id']}/tasks"

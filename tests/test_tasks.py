@@ -13,7 +13,7 @@ from sqlalchemy import event
 from taskflow.blueprints.tasks import TaskOut
 from taskflow.db import backends
 
-from .conftest import (
+from .support import (
     ON_POSTGRES,
     TestUser,
     create_project,
@@ -479,3 +479,42 @@ async def test_reads_take_few_round_trips_and_the_cache_takes_the_rest(
         # With the cache: the membership is cached by now, the task after one read.
         task_and_membership = (0 if read else 1) if cached else 2
         assert len(sent) == session_check + task_and_membership, sent
+
+
+async def test_a_cursor_past_long_wide_titles_is_accepted(
+    client: Client, project: dict[str, Any], owner: TestUser
+) -> None:
+    """A title-sorted cursor holds the title: 500 characters of 4 bytes."""
+    for n in range(3):
+        await create_task(client, project, owner, title="𠜎" * 499 + str(n))
+    url = f"/projects/{project['id']}/tasks?sort=title&limit=1"
+    seen = []
+    cursor = None
+    for _ in range(3):
+        page = await (
+            await client.get(url + (f"&cursor={cursor}" if cursor else ""), headers=owner.headers)
+        ).get_json()
+        seen += [task["title"][-1] for task in page["items"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+        assert len(cursor) > 2048
+    assert seen == ["0", "1", "2"]
+
+
+@pytest.mark.parametrize(
+    "title", ["\u200b", "\u200e\u200f", "\u202e\u2066\u2069", "\u3164", " \u2800 "]
+)
+async def test_a_title_that_shows_nothing_is_refused(
+    client: Client, project: dict[str, Any], owner: TestUser, title: str
+) -> None:
+    response = await client.post(
+        f"/projects/{project['id']}/tasks", json={"title": title}, headers=owner.headers
+    )
+    body = await response.get_json()
+    problem_of(response, body, 422, "validation_failed")
+    assert body["errors"][0]["field"] == "title"
+    # Direction marks around words that show are fine.
+    task = await create_task(client, project, owner, title="\u202b\u05e9\u05dc\u05d5\u05dd\u202c")
+    patch = await client.patch(f"/tasks/{task['id']}", json={"title": title}, headers=owner.headers)
+    problem_of(patch, await patch.get_json(), 422, "validation_failed")

@@ -4,28 +4,41 @@ import asyncio
 import base64
 import json
 import os
-import secrets
+import random
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Iterable
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import websockets
+from quart import Quart
+from sqlalchemy import insert
 from websockets.asyncio.client import ClientConnection
 
 from taskflow.config import Config
+from taskflow.db import backends
+from taskflow.models import Event
+from taskflow.tokens import Caller, issue_tokens
 
-from .conftest import (
+from .support import (
     ON_POSTGRES,
-    PASSWORD,
     TEST_REDIS_URL,
+    TEST_SECRET,
+    TestUser,
     free_port,
     hypercorn,
     live_server,
+    postgres_only,
+    private_redis,
+    redis_only,
+    register_user,
     running,
 )
 
@@ -35,19 +48,13 @@ Json = dict[str, Any]
 class Api:
     """A user of a live server, over HTTP."""
 
-    def __init__(self, http: httpx.AsyncClient, email: str, token: str, user_id: str) -> None:
-        self.http, self.email, self.token, self.id = http, email, token, user_id
+    def __init__(self, http: httpx.AsyncClient, user: TestUser) -> None:
+        self.http, self.id, self.email, self.token = http, user.id, user.email, user.access_token
+        self.headers = user.headers
 
     @classmethod
     async def register(cls, http: httpx.AsyncClient) -> "Api":
-        email = f"ws-{secrets.token_hex(6)}@example.com"
-        user = await http.post("/auth/register", json={"email": email, "password": PASSWORD})
-        tokens = await http.post("/auth/login", json={"email": email, "password": PASSWORD})
-        return cls(http, email, tokens.json()["access_token"], user.json()["id"])
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.token}"}
+        return cls(http, await register_user(http))
 
     async def call(self, method: str, url: str, body: Any = None, expect: int = 200) -> Any:
         response = await self.http.request(method, url, json=body, headers=self.headers)
@@ -346,7 +353,9 @@ async def test_logout_closes_the_socket(server: str, http: httpx.AsyncClient) ->
         assert time.monotonic() - started < 5
 
 
-def stalled_subscriber(url: str, user: Api, project: Json) -> socket.socket:
+def stalled_subscriber(
+    url: str, user: Api, project: Json, since: int | None = None
+) -> socket.socket:
     """A client that subscribes and then never reads: a tiny receive window,
     and nothing taken out of it."""
     port = int(url.rsplit(":", 1)[1])
@@ -361,7 +370,10 @@ def stalled_subscriber(url: str, user: Api, project: Json) -> socket.socket:
             f"Sec-WebSocket-Version: 13\r\nAuthorization: Bearer {user.token}\r\n\r\n"
         ).encode()
     )
-    payload = json.dumps({"type": "subscribe", "project_id": project["id"]}).encode()
+    frame: Json = {"type": "subscribe", "project_id": project["id"]}
+    if since is not None:
+        frame["since"] = since
+    payload = json.dumps(frame).encode()
     mask = os.urandom(4)
     masked = bytes(byte ^ mask[i % 4] for i, byte in enumerate(payload))
     sock.sendall(bytes([0x81, 0x80 | len(payload)]) + mask + masked)
@@ -371,7 +383,7 @@ def stalled_subscriber(url: str, user: Api, project: Json) -> socket.socket:
 async def test_a_stalled_client_does_not_delay_others(
     config: Config, environ: dict[str, str]
 ) -> None:
-    small_queue = {**environ, "TASKFLOW_WS_SEND_QUEUE": "16"}
+    small_queue = {**environ, "TASKFLOW_WS_SEND_BUFFER_BYTES": "262144"}
     async with running(config), live_server(small_queue) as url:
         async with httpx.AsyncClient(base_url=url, timeout=30) as http:
             owner = await Api.register(http)
@@ -455,22 +467,6 @@ async def test_a_write_through_one_instance_reaches_a_subscriber_on_another(
                 assert event["data"] == task
 
 
-@asynccontextmanager
-async def private_redis(port: int) -> AsyncIterator[asyncio.subprocess.Process]:
-    """A Redis of this test's own, to stop and start at will."""
-    process = await asyncio.create_subprocess_exec(
-        "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-        "--appendonly", "no",
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        yield process
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-
-
 @pytest.mark.skipif(not ON_POSTGRES, reason="two instances need PostgreSQL")
 async def test_redis_restarting_mid_stream_loses_no_event(
     config: Config, environ: dict[str, str]
@@ -535,3 +531,556 @@ async def test_abuse_leaves_the_server_up_and_others_served(
     codes = await asyncio.gather(*(close_code(ws, timeout=20) for ws in idle))
     assert set(codes) == {4401}
     assert (await http.get("/healthz")).status_code == 200
+
+
+# Helpers of the red-team findings' tests.
+
+MiB = 1024 * 1024
+
+
+async def feed_of(api: Api, project: Json) -> list[Json]:
+    """Every event of the project, as the REST feed has it."""
+    events: list[Json] = []
+    since = 0
+    while True:
+        page = await api.call("GET", f"/projects/{project['id']}/events?since={since}&limit=1000")
+        events += page["items"]
+        if page["next_cursor"] is None:
+            return events
+        since = int(page["next_cursor"])
+
+
+async def insert_events(
+    app: Quart, project: Json, actor: Api, events: Iterable[tuple[str, Json, Json | None]]
+) -> None:
+    """Append (kind, data, changes) events to the project's log directly in the
+    database, in bulk: rows as ``record_event`` writes them, never published."""
+    rows = [
+        {
+            "project_id": uuid.UUID(project["id"]),
+            "kind": kind,
+            "actor_id": uuid.UUID(actor.id),
+            "occurred_at": datetime.now(UTC),
+            "data": data,
+            "changes": changes,
+        }
+        for kind, data, changes in events
+    ]
+    async with app.app_context(), backends().sessionmaker() as db_session:
+        for start in range(0, len(rows), 100):
+            await db_session.execute(insert(Event), rows[start : start + 100])
+        await db_session.commit()
+
+
+async def until_task_event(ws: ClientConnection, task: Json, timeout: float = 10) -> None:
+    """Read *ws* up to the `task.created` event of *task*."""
+    async with asyncio.timeout(timeout):
+        while True:
+            message = await receive(ws, timeout)
+            if message.get("event") == "task.created" and message["data"]["id"] == task["id"]:
+                return
+
+
+async def frames_until_pong(ws: ClientConnection, timeout: float = 10) -> list[Json]:
+    """Ping; every frame received before the pong. The server answers a ping
+    after the frames it queued before it."""
+    await ws.send(json.dumps({"type": "ping"}))
+    frames = []
+    async with asyncio.timeout(timeout):
+        while (message := await receive(ws, timeout)) != {"type": "pong"}:
+            frames.append(message)
+    return frames
+
+
+def socket_log_lines(path: Path) -> list[Json]:
+    """The "websocket" lines of a server's JSON log."""
+    lines = []
+    for text in path.read_text().splitlines() if path.exists() else []:
+        try:
+            line = json.loads(text)
+        except ValueError:
+            continue  # hypercorn's own lines
+        if isinstance(line, dict) and line.get("message") == "websocket":
+            lines.append(line)
+    return lines
+
+
+async def logged_close_codes(path: Path, count: int, timeout: float = 5) -> list[int]:
+    """The close codes of the sockets logged, once *count* are (or *timeout* is up)."""
+    for _ in range(int(timeout * 10)):
+        if len(socket_log_lines(path)) >= count:
+            break
+        await asyncio.sleep(0.1)
+    lines = socket_log_lines(path)
+    assert all(line["path"] == "/ws" for line in lines), lines
+    return [line["close_code"] for line in lines]
+
+
+# 1. A removed member receives no live event.
+
+
+async def test_a_since_beyond_the_log_counts_as_its_latest_and_still_ends_at_the_removal(
+    server: str, http: httpx.AsyncClient
+) -> None:
+    owner, member = await Api.register(http), await Api.register(http)
+    project = await owner.project(member)
+    latest = (await feed_of(owner, project))[-1]["id"]
+    async with (
+        await ready(server, owner) as witness,
+        await ready(server, member) as far,
+        await ready(server, member) as near,
+    ):
+        await subscribe(witness, project)
+        # Ids are one sequence across projects: far ahead, or just past the
+        # removal about to be written.
+        subscribed = []
+        for ws, since in ((far, latest + 100_000), (near, latest + 2)):
+            frame = {"type": "subscribe", "project_id": project["id"], "since": since}
+            await ws.send(json.dumps(frame))
+            subscribed.append(await receive(ws))
+        await owner.task(project, "after subscribing")
+        await owner.call("DELETE", f"/projects/{project['id']}/members/{member.id}", expect=204)
+        last = await owner.task(project, "after the removal")
+        await until_task_event(witness, last)  # the server has passed on every event
+        feed = await feed_of(owner, project)
+        created, removed, after = feed[-3:]
+        assert (created["event"], removed["event"]) == ("task.created", "member.removed")
+        assert after["data"] == last
+        for ws, first in zip((far, near), subscribed, strict=True):
+            assert [first, *await frames_until_pong(ws)] == [
+                {"type": "subscribed", "project_id": project["id"], "last_event_id": latest},
+                created,
+                {"type": "unsubscribed", "project_id": project["id"], "reason": "removed"},
+            ]
+
+
+async def removal_race(
+    owner: Api,
+    member: Api,
+    sockets: list[ClientConnection],
+    witness: ClientConnection,
+    rng: random.Random,
+) -> list[tuple[str, list[Json], list[int]]]:
+    """One race: *member*'s sockets (on instance B) subscribe to a new project
+    after random delays while the owner, through instance A, writes, removes
+    the member, writes, and sometimes re-adds and removes them again. Returns
+    each socket's outcome (see ``check_removal_race``), frames, and the
+    removals' ids."""
+    project = await owner.project(member)
+    pid, members = project["id"], f"/projects/{project['id']}/members"
+    witness_first = rng.random() < 0.5  # B's stream made before the race, or by it
+    if witness_first:
+        await subscribe(witness, project)
+
+    async def subscribe_after(ws: ClientConnection, delay: float) -> None:
+        await asyncio.sleep(delay)
+        await ws.send(json.dumps({"type": "subscribe", "project_id": pid}))
+
+    async def write(count: int) -> None:
+        for _ in range(count):
+            await asyncio.sleep(rng.uniform(0, 0.01))
+            await owner.task(project)
+
+    async def owner_races() -> None:
+        await write(rng.randint(0, 2))
+        await owner.call("DELETE", f"{members}/{member.id}", expect=204)
+        await write(rng.randint(1, 3))
+        if rng.random() < 0.3:  # re-add, then remove again
+            await owner.call("POST", members, {"email": member.email}, 201)
+            await write(rng.randint(0, 2))
+            await owner.call("DELETE", f"{members}/{member.id}", expect=204)
+            await write(rng.randint(0, 2))
+
+    delays = [rng.uniform(0, 0.08) for _ in sockets]
+    await asyncio.gather(
+        owner_races(),
+        *(subscribe_after(ws, delay) for ws, delay in zip(sockets, delays, strict=True)),
+    )
+    # Once the witness on B has the sentinel, B has passed on every event of
+    # the race; a ping on each socket then collects all it was sent.
+    if not witness_first:
+        await subscribe(witness, project)
+    sentinel = await owner.task(project, "sentinel")
+    await until_task_event(witness, sentinel)
+    await witness.send(json.dumps({"type": "unsubscribe", "project_id": pid}))
+    while await receive(witness) != {"type": "unsubscribed", "project_id": pid}:
+        pass
+    received = await asyncio.gather(*(frames_until_pong(ws) for ws in sockets))
+    feed = {event["id"]: event for event in await feed_of(owner, project)}
+    removals = sorted(
+        event["id"]
+        for event in feed.values()
+        if event["event"] == "member.removed" and event["data"]["user_id"] == member.id
+    )
+    return [
+        (check_removal_race(pid, frames, feed, removals), frames, removals) for frames in received
+    ]
+
+
+@postgres_only
+@redis_only
+async def test_a_removal_racing_subscribes_on_another_instance_never_leaks_an_event(
+    config: Config, environ: dict[str, str]
+) -> None:
+    """Property, over many randomised races (``removal_race``): a member
+    subscribing on instance B while the owner removes them through instance A
+    gets `not_found` or `unsubscribed` (`removed`), and never an event later
+    than the removal that ends its subscription."""
+    iterations, sockets_per_iteration = 40, 4
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    outcomes: Counter[str] = Counter()
+    violations: list[str] = []
+    async with (
+        running(config),
+        live_server(environ) as a,
+        live_server(environ) as b,
+        httpx.AsyncClient(base_url=a, timeout=30) as http,
+    ):
+        owner, member = await Api.register(http), await Api.register(http)
+        sockets = [await ready(b, member) for _ in range(sockets_per_iteration)]
+        witness = await ready(b, owner)
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(90):
+                for iteration in range(iterations):
+                    for n, (outcome, frames, removals) in enumerate(
+                        await removal_race(owner, member, sockets, witness, rng)
+                    ):
+                        outcomes[outcome] += 1
+                        if outcome.startswith("violation"):
+                            violations.append(
+                                f"{outcome}: iteration {iteration}, socket {n}, "
+                                f"removals {removals}, frames {frames}"
+                            )
+        finally:
+            for ws in (*sockets, witness):
+                await ws.close()
+        elapsed = time.monotonic() - started
+    print(
+        f"\nseed {seed}: {iterations} iterations x {sockets_per_iteration} sockets "
+        f"in {elapsed:.1f} s; outcomes {dict(outcomes)}"
+    )
+    assert violations == []
+    assert sum(outcomes.values()) == iterations * sockets_per_iteration
+
+
+def check_removal_race(
+    project_id: str, frames: list[Json], feed: dict[int, Json], removals: list[int]
+) -> str:
+    """The outcome of one racing socket: `not_found`, `removed…`, or `violation…`."""
+    mine = [frame for frame in frames if frame.get("project_id") == project_id]
+    if mine != frames:
+        return "violation: a frame of another project"
+    ends = [
+        n
+        for n, frame in enumerate(frames)
+        if frame == {"type": "error", "code": "not_found", "project_id": project_id}
+        or frame == {"type": "unsubscribed", "project_id": project_id, "reason": "removed"}
+    ]
+    if len(ends) != 1 or ends[0] != len(frames) - 1:
+        return "violation: not exactly one not_found or unsubscribed, as the last frame"
+    *before, end = frames
+    if end["type"] == "error":
+        return "not_found" if before == [] else "violation: frames before not_found"
+    subscribed = [frame for frame in before if frame["type"] == "subscribed"]
+    events = [frame for frame in before if frame["type"] == "event"]
+    if len(subscribed) + len(events) != len(before) or len(subscribed) > 1:
+        return "violation: unexpected frames"
+    if any(feed.get(event["id"]) != event for event in events):
+        return "violation: an event not as the feed has it"
+    ids = [event["id"] for event in events]
+    if ids != sorted(set(ids)):
+        return "violation: events out of order or repeated"
+    # Where the subscription started: its membership was confirmed there.
+    if subscribed:
+        start = subscribed[0]["last_event_id"]
+    elif ids:
+        start = ids[0] - 1
+    else:
+        return "removed, nothing sent"
+    ending = [removal for removal in removals if removal > start]
+    if not ending:
+        return "violation: unsubscribed with no removal after the subscription"
+    if ids and ids[-1] > ending[0]:
+        return "violation: an event after the removal"
+    return "removed, after subscribed" if subscribed else "removed, during the catch-up"
+
+
+# 2. A client far behind resumes from any distance.
+
+
+async def test_a_client_thousands_of_events_behind_gets_every_one_then_goes_live(
+    config: Config, environ: dict[str, str]
+) -> None:
+    async with running(config) as app, live_server(environ) as url:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+            owner = await Api.register(http)
+            project = await owner.project()
+            renames = [
+                ("project.updated", {**project, "name": f"v{n}"}, {"name": [f"v{n - 1}", f"v{n}"]})
+                for n in range(1, 3001)
+            ]
+            await insert_events(app, project, owner, renames)
+            feed = await feed_of(owner, project)
+            assert len(feed) == 3001
+            async with await ready(url, owner) as ws:
+                await ws.send(
+                    json.dumps({"type": "subscribe", "project_id": project["id"], "since": 0})
+                )
+                replayed = []
+                while (message := await receive(ws))["type"] == "event":
+                    replayed.append(message)
+                assert message == {
+                    "type": "subscribed",
+                    "project_id": project["id"],
+                    "last_event_id": feed[-1]["id"],
+                }
+                assert replayed == feed  # every event once, in order
+                await ws.send(json.dumps({"type": "ping"}))
+                assert await receive(ws) == {"type": "pong"}
+                task = await owner.task(project, "live")
+                (live,) = await events_until(ws, 1)
+                assert live["data"] == task and live["id"] > feed[-1]["id"]
+
+
+# 3. Memory is bounded in bytes.
+
+
+def worker_pid(process: asyncio.subprocess.Process) -> int:
+    """The pid of the hypercorn worker serving for *process* (its one worker)."""
+    children = [
+        int(pid)
+        for task in Path(f"/proc/{process.pid}/task").iterdir()
+        for pid in (task / "children").read_text().split()
+    ]
+    workers = [
+        pid
+        for pid in children
+        if b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]
+    assert len(workers) == 1, children
+    return workers[0]
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def read_raw_messages(sock: socket.socket, until_type: str, timeout: float = 60) -> list[Json]:
+    """Read text frames from a raw client socket (the handshake response
+    first) up to a message of *until_type*; blocking, so run in a thread."""
+    sock.settimeout(timeout)
+    buffer = b""
+
+    def take(count: int) -> bytes:
+        nonlocal buffer
+        while len(buffer) < count:
+            chunk = sock.recv(1 << 16)
+            if not chunk:
+                raise ConnectionError("closed")
+            buffer += chunk
+        taken, buffer = buffer[:count], buffer[count:]
+        return taken
+
+    head = b""
+    while not head.endswith(b"\r\n\r\n"):
+        head += take(1)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    messages: list[Json] = []
+    while True:
+        first, second = take(2)
+        length = second & 0x7F
+        if length == 126:
+            length = int.from_bytes(take(2))
+        elif length == 127:
+            length = int.from_bytes(take(8))
+        payload = take(length)
+        if first & 0x0F == 0x8:
+            raise ConnectionError(f"closed with {int.from_bytes(payload[:2])}")
+        message = json.loads(payload)
+        messages.append(message)
+        if message["type"] == until_type:
+            return messages
+
+
+async def test_stalled_catch_ups_hold_bounded_memory(
+    config: Config, environ: dict[str, str]
+) -> None:
+    """Five sockets a catch-up of 300 events of ~90 KiB each (27 MB), none of
+    them reading: the worker's memory grows by what the settings bound (half
+    the 1 MiB send buffer queued and a page of READ_PAGE_SIZE events in
+    flight, a socket), not by the log they are behind."""
+    stalled_count, event_count, bound = 5, 300, 64 * MiB
+    async with running(config) as app, hypercorn(environ) as (url, process):
+        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+            owner = await Api.register(http)
+            small, big = await owner.project(), await owner.project()
+            task = await owner.task(big, "big")
+            descriptions = [chr(0x4E00 + n) * 10_000 for n in range(event_count + 1)]  # 3 bytes
+            await insert_events(
+                app,
+                big,
+                owner,
+                (
+                    (
+                        "task.updated",
+                        {**task, "description": descriptions[n]},
+                        {"description": [descriptions[n - 1], descriptions[n]]},
+                    )
+                    for n in range(1, event_count + 1)
+                ),
+            )
+            await insert_events(
+                app, small, owner, (("project.updated", small, None) for _ in range(200))
+            )
+            feed = await feed_of(owner, big)
+            event_bytes = len(json.dumps(feed[-1], ensure_ascii=False).encode())
+            pid = worker_pid(process)
+            async with await ready(url, owner) as reader:
+                # Warm up: a catch-up of small events, live events.
+                await subscribe(reader, small, since=0)
+                await subscribe(reader, big)
+                await owner.task(big, "warm")
+                await events_until(reader, 1)
+                before = rss_bytes(pid)
+                stalled = [
+                    stalled_subscriber(url, owner, big, since=0) for _ in range(stalled_count)
+                ]
+                try:
+                    await asyncio.sleep(3)  # every catch-up fills what it may, and waits
+                    meanwhile = await owner.task(big, "meanwhile")
+                    sent = time.monotonic()
+                    (event,) = await events_until(reader, 1, timeout=5)
+                    delay = time.monotonic() - sent
+                    assert event["data"] == meanwhile
+                    await asyncio.sleep(1)
+                    after = rss_bytes(pid)
+                    # A stalled socket was paced, not dropped: once it reads, it
+                    # gets its whole catch-up.
+                    messages = await asyncio.to_thread(read_raw_messages, stalled[0], "subscribed")
+                finally:
+                    for sock in stalled:
+                        sock.close()
+    growth = after - before
+    print(
+        f"\nworker RSS with {stalled_count} stalled catch-ups of {event_count} events "
+        f"of {event_bytes / 1024:.0f} KiB: before {before / MiB:.1f} MiB, after "
+        f"{after / MiB:.1f} MiB, growth {growth / MiB:.1f} MiB (bound {bound / MiB:.0f} MiB); "
+        f"a reader's live event meanwhile took {delay * 1000:.0f} ms"
+    )
+    *events, subscribed = messages
+    assert events == feed[: len(events)] and [e["id"] for e in events] == [
+        e["id"] for e in feed if e["id"] <= subscribed["last_event_id"]
+    ]
+    assert len(events) >= event_count
+    assert growth < bound
+    assert delay < 1
+
+
+# 4. The handshake.
+
+
+async def test_refused_handshakes_close_with_their_codes_and_each_socket_is_logged(
+    config: Config, environ: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server_log = tmp_path / "server.log"
+    monkeypatch.setenv("TASKFLOW_TEST_SERVER_LOG", str(server_log))
+    async with running(config), live_server(environ) as url:
+        async with httpx.AsyncClient(base_url=url) as http:
+            user = await Api.register(http)
+            auth = json.dumps({"type": "auth", "token": user.token})
+            two_headers = [("Authorization", f"Bearer {user.token}")] * 2
+            ws = await websockets.connect(ws_url(url), additional_headers=two_headers)
+            assert await close_code(ws) == 4401
+            async with await connect(url) as ws:
+                await ws.send(auth.encode())  # a valid auth frame, but binary
+                assert await close_code(ws) == 4401
+            # Over 64 KiB: in characters (hypercorn's limit), and in UTF-8
+            # bytes only (30,000 characters of 3 bytes).
+            for token in ("x" * 70_000, "€" * 30_000):
+                async with await connect(url) as ws:
+                    await ws.send(json.dumps({"type": "auth", "token": token}, ensure_ascii=False))
+                    assert await close_code(ws) == 1009
+            async with await connect(url) as ws:
+                await ws.send(auth)
+                assert await receive(ws) == {"type": "ready", "user_id": user.id}
+            # The server logs each socket as it ends.
+            codes = await logged_close_codes(server_log, 5)
+    assert sorted(codes) == [1000, 1009, 1009, 4401, 4401]
+
+
+async def test_handshakes_per_address_are_limited(
+    config: Config, environ: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server_log = tmp_path / "server.log"
+    monkeypatch.setenv("TASKFLOW_TEST_SERVER_LOG", str(server_log))
+    limited = {**environ, "TASKFLOW_WS_CONNECTIONS_PER_MINUTE": "3"}
+    async with running(config), live_server(limited) as url:
+        for _ in range(3):  # anonymous; each refused only once it has counted
+            async with await connect(url) as ws:
+                await ws.send(json.dumps({"type": "ping"}))
+                assert await close_code(ws) == 4401
+        started = time.monotonic()
+        async with await connect(url) as ws:
+            assert await close_code(ws, timeout=5) == 4429
+        assert time.monotonic() - started < 2  # at once, not when authentication times out
+        codes = await logged_close_codes(server_log, 4)
+    assert codes == [4401, 4401, 4401, 4429]
+
+
+@postgres_only
+async def test_a_database_error_during_authentication_closes_1011(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server_log = tmp_path / "server.log"
+    monkeypatch.setenv("TASKFLOW_TEST_SERVER_LOG", str(server_log))
+    unreachable = {
+        "DATABASE_URL": "postgresql://postgres@127.0.0.1:1/x",  # nothing listens there
+        "TASKFLOW_SECRET_KEY": TEST_SECRET,
+        "TASKFLOW_LOG_LEVEL": "INFO",
+    }
+    token = issue_tokens(Caller(uuid.uuid4(), uuid.uuid4()), TEST_SECRET).access_token
+    async with hypercorn(unreachable, empty_database=False) as (url, _process):
+        ws = await websockets.connect(
+            ws_url(url), additional_headers={"Authorization": f"Bearer {token}"}
+        )
+        assert await close_code(ws) == 1011
+        async with await connect(url) as ws:
+            await ws.send(json.dumps({"type": "auth", "token": token}))
+            assert await close_code(ws) == 1011
+        codes = await logged_close_codes(server_log, 2)
+    assert codes == [1011, 1011]
+
+
+# 5. Subscriptions per socket.
+
+
+async def test_a_socket_holds_at_most_100_subscriptions(
+    server: str, http: httpx.AsyncClient
+) -> None:
+    owner = await Api.register(http)
+    projects = [await owner.project() for _ in range(101)]
+    *held, extra = projects
+    async with await ready(server, owner) as ws:
+        for project in held:
+            await subscribe(ws, project)
+        frame = {"type": "subscribe", "project_id": extra["id"]}
+        await ws.send(json.dumps(frame))
+        assert await receive(ws) == {
+            "type": "error",
+            "code": "too_many_subscriptions",
+            "project_id": extra["id"],
+        }
+        await ws.send(json.dumps({"type": "ping"}))
+        assert await receive(ws) == {"type": "pong"}
+        await subscribe(ws, held[0])  # subscribing again to one held is no new one
+        await ws.send(json.dumps({"type": "unsubscribe", "project_id": held[1]["id"]}))
+        assert await receive(ws) == {"type": "unsubscribed", "project_id": held[1]["id"]}
+        await subscribe(ws, extra)  # one freed: room for another
+        task = await owner.task(extra)
+        (event,) = await events_until(ws, 1)
+        assert event["data"] == task

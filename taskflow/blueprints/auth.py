@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from datetime import timedelta
 from typing import Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
@@ -16,7 +17,12 @@ from ..errors import APIError
 from ..jsonio import json_response, no_content
 from ..limits import AUTH_LIMITS
 from ..openapi import documents, responds
-from ..passwords import BCRYPT_MAX_BYTES, hasher
+from ..passwords import (
+    BCRYPT_MAX_BYTES,
+    NO_CONTROL_CHARACTERS,
+    has_control_characters,
+    hasher,
+)
 from ..schemas import Email, normalize_email
 from ..security import forget_revoked_session, require_auth, secret_key
 from ..tokens import Caller, IssuedTokens, TokenType, token_hash, verify_token
@@ -24,6 +30,9 @@ from ..tokens import Caller, IssuedTokens, TokenType, token_hash, verify_token
 blueprint = Blueprint("auth", __name__, url_prefix="/auth")
 
 MIN_PASSWORD_LENGTH = 8
+# How long a spent refresh token may come back from the same client's
+# concurrent requests before its return is taken as theft.
+REUSE_INTERVAL = timedelta(seconds=10)
 # The scheme's name, not a secret.
 TOKEN_TYPE = "bearer"  # noqa: S105  # nosec B105
 
@@ -39,7 +48,11 @@ class Registration(Credentials):
     email: Email
     # At most 72 bytes in UTF-8, which JSON Schema cannot say: 72 characters is its bound.
     password: str = Field(
-        json_schema_extra={"minLength": MIN_PASSWORD_LENGTH, "maxLength": BCRYPT_MAX_BYTES}
+        json_schema_extra={
+            "minLength": MIN_PASSWORD_LENGTH,
+            "maxLength": BCRYPT_MAX_BYTES,
+            "pattern": NO_CONTROL_CHARACTERS,
+        }
     )
 
     @field_validator("email")
@@ -54,6 +67,8 @@ class Registration(Credentials):
             raise ValueError(f"must be at least {MIN_PASSWORD_LENGTH} characters")
         if len(value.encode()) > BCRYPT_MAX_BYTES:
             raise ValueError(f"must be at most {BCRYPT_MAX_BYTES} bytes in UTF-8")
+        if has_control_characters(value):
+            raise ValueError("must not contain control characters (bcrypt stops at a NUL)")
         return value
 
 
@@ -132,15 +147,18 @@ class RefreshRequest(BaseModel):
 async def refresh(data: RefreshRequest) -> Response:
     """Spend a refresh token for a new pair.
 
-    A refresh token works once. Presenting a spent one again is taken as
-    theft: the whole session is revoked, its newest tokens included.
+    A refresh token works once. Presented again within 10 seconds of being
+    spent (a client's concurrent refreshes), it is a 401 `token_expired` and
+    nothing else happens; later, it is taken as theft: the whole session is
+    revoked, its newest tokens included.
     """
     holder = verify_token(data.refresh_token, TokenType.REFRESH, secret_key())
     db_session = session()
-    tokens = await accounts.rotate_refresh_token(
-        db_session, holder, token_hash(data.refresh_token), secret_key()
-    )
+    presented = token_hash(data.refresh_token)
+    tokens = await accounts.rotate_refresh_token(db_session, holder, presented, secret_key())
     if tokens is None:
+        if await accounts.spent_moments_ago(db_session, holder, presented, REUSE_INTERVAL):
+            raise APIError(401, "token_expired", "The refresh token was just spent.")
         if await accounts.revoke_session(db_session, holder.session_id):
             commit_even_if_refused(db_session)
             after_commit(db_session, forget_revoked_session, holder.session_id)

@@ -74,7 +74,8 @@ class TaskQuery(RequestModel):
     )
     sort: Sort = Field("-created_at", description="Tasks with no due date sort last.")
     limit: int = Field(50, ge=1, le=100)
-    cursor: str | None = Field(None, max_length=2048)
+    # A title-sorted cursor holds a title: up to 500 characters of 4 bytes.
+    cursor: str | None = Field(None, max_length=4096)
 
     @field_validator("assignee_id")
     @classmethod

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TypedDict
 
 from sqlalchemy import bindparam, select, update
@@ -77,6 +77,7 @@ async def rotate_refresh_token(
     one, so of concurrent refreshes with one token exactly one wins.
     """
     tokens = issue_tokens(caller, secret_key)
+    now = datetime.now(UTC)
     result = await db_session.execute(
         update(AuthSession)
         .where(
@@ -84,12 +85,33 @@ async def rotate_refresh_token(
             AuthSession.user_id == caller.user_id,
             AuthSession.refresh_token_hash == presented_hash,
             AuthSession.revoked_at.is_(None),
-            AuthSession.expires_at > datetime.now(UTC),
+            AuthSession.expires_at > now,
         )
-        .values(refresh_token_hash=tokens.refresh_token_hash)
+        .values(
+            refresh_token_hash=tokens.refresh_token_hash,
+            spent_refresh_token_hash=presented_hash,
+            refreshed_at=now,
+        )
         .returning(AuthSession.id)
     )
     return tokens if result.first() is not None else None
+
+
+async def spent_moments_ago(
+    db_session: AsyncSession, caller: Caller, presented_hash: str, within: timedelta
+) -> bool:
+    """Whether the presented refresh token is the live session's last spent one,
+    spent no longer than *within* ago: a concurrent refresh of the same client,
+    not a thief's replay."""
+    result = await db_session.execute(
+        select(AuthSession.id).where(
+            AuthSession.id == caller.session_id,
+            AuthSession.spent_refresh_token_hash == presented_hash,
+            AuthSession.refreshed_at > datetime.now(UTC) - within,
+            AuthSession.revoked_at.is_(None),
+        )
+    )
+    return result.first() is not None
 
 
 async def revoke_session(db_session: AsyncSession, session_id: uuid.UUID) -> bool:

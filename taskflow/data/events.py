@@ -25,8 +25,9 @@ from ..db import AnyRow, after_commit, backends, rows
 from ..jsonio import dumps
 from ..models import Event
 
-# Pages in which the log is read back for a catch-up or a replay.
-READ_PAGE_SIZE = 500
+# Pages in which the log is read back for a catch-up or a replay: events are
+# at most about 120 KiB, so a page holds a few MiB at most.
+READ_PAGE_SIZE = 50
 
 
 class EventKind(StrEnum):

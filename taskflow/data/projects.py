@@ -116,7 +116,7 @@ def decode_position(position: list[Any]) -> tuple[datetime, uuid.UUID]:
     try:
         created_at, last_id = position
         return datetime.fromisoformat(created_at), uuid.UUID(last_id)
-    except (TypeError, ValueError):
+    except (AttributeError, TypeError, ValueError):
         raise invalid_cursor() from None
 
 

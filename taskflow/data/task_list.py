@@ -148,7 +148,7 @@ def decode_position(column: SortColumn, position: list[Any]) -> tuple[Any, uuid.
         elif value is not None or column != "due_date":
             value = datetime.fromisoformat(value)
         return value, uuid.UUID(last_id)
-    except (TypeError, ValueError):
+    except (AttributeError, TypeError, ValueError):
         raise invalid_cursor() from None
 
 

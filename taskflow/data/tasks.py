@@ -1,9 +1,9 @@
 """Tasks, one at a time: any member of a project (owner included) may read and
 write its tasks. The list of a project's tasks is ``task_list``.
 
-A task is read in one query (the caller's membership is a join) or from the
-cache; a write locks the task's project (a ``ProjectLock``) in the same
-statement that finds the task through the caller's membership.
+A task is read in one query, or from the cache, and shown only to a member
+of its project; a write first locks the task's project through the caller's
+membership (a ``ProjectLock``), then reads the task.
 """
 
 from __future__ import annotations
@@ -13,15 +13,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypedDict
 
-from sqlalchemy import and_, bindparam, delete, insert, select, update
+from sqlalchemy import bindparam, delete, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from .. import cache
-from ..access import ProjectLock, member_role
+from ..access import ProjectLock, lock_project_of_task, member_role
 from ..db import AnyRow, after_commit, rows
 from ..errors import APIError, validation_failed
 from ..jsonio import dumps
-from ..models import MemberRole, Project, ProjectMember, Task, TaskStatus
+from ..models import ProjectMember, Task, TaskStatus
 from .events import EventKind, record_event
 
 
@@ -128,21 +128,6 @@ def task_not_found() -> APIError:
 
 
 TASK_BY_ID = select(*TASK_FIELDS, Task.version).where(Task.id == bindparam("task_id"))
-# The task about to be written, found only through the caller's membership,
-# its project's row locked.
-LOCKED_TASK_OF_MEMBER = (
-    select(*TASK_FIELDS, Task.version, ProjectMember.role)
-    .join(
-        ProjectMember,
-        and_(
-            ProjectMember.project_id == Task.project_id,
-            ProjectMember.user_id == bindparam("user_id"),
-        ),
-    )
-    .join(Project, Project.id == Task.project_id)
-    .where(Task.id == bindparam("task_id"))
-    .with_for_update(of=Project)
-)
 
 
 async def read_task(
@@ -167,12 +152,14 @@ async def lock_task(
 ) -> tuple[ProjectLock, AnyRow]:
     """The task about to be written, with its project's lock, after checking
     *if_match* against it; a 404 unless *user_id* is a member of its project."""
-    params = {"user_id": user_id, "task_id": task_id}
-    row = (await rows(db_session, LOCKED_TASK_OF_MEMBER, params)).first()
-    if row is None:
+    lock = await lock_project_of_task(db_session, task_id, user_id)
+    # Read once the lock is held: a write that committed while this one
+    # waited for it is seen, so If-Match and the event's changes are true.
+    row = (await rows(db_session, TASK_BY_ID, {"task_id": task_id})).first() if lock else None
+    if lock is None or row is None:
         raise task_not_found()
     if_match.check(row.version)
-    return ProjectLock(row.project_id, MemberRole(row.role)), row
+    return lock, row
 
 
 async def ensure_assignable(

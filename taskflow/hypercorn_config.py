@@ -1,0 +1,24 @@
+"""hypercorn's settings for every way TaskFlow is served: the Procfile's
+``web:`` line (``hypercorn --config python:taskflow.hypercorn_config``),
+``taskflow run`` and the tests' live servers.
+
+Read by hypercorn as module attributes; ``PORT`` and ``WEB_CONCURRENCY`` come
+from the platform.
+"""
+
+from __future__ import annotations
+
+import os
+
+bind = [f"0.0.0.0:{os.environ.get('PORT', '8000')}"]
+workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+worker_class = "uvloop"
+# Inside the 30 s a platform waits between SIGTERM and SIGKILL.
+graceful_timeout = 20
+# The contract's 64 KiB: a larger WebSocket message is closed with 1009 by
+# hypercorn before it is buffered whole (its default is 16 MiB).
+websocket_max_message_size = 64 * 1024
+# TaskFlow logs one JSON line per request; hypercorn's own access log is off
+# (its default), and responses do not name the server.
+accesslog = None
+include_server_header = False
