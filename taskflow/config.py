@@ -52,6 +52,8 @@ class Config:
     # WebSocket: new connections per user, and messages per connection.
     ws_connections_per_minute: int = setting("TASKFLOW_WS_CONNECTIONS_PER_MINUTE", 60, minimum=1)
     ws_messages_per_second: int = setting("TASKFLOW_WS_MESSAGES_PER_SECOND", 20, minimum=1)
+    # WebSocket connections one user may hold open at once on one worker.
+    ws_sockets_per_user: int = setting("TASKFLOW_WS_SOCKETS_PER_USER", 50, minimum=1)
     # Memory of frames waiting to be sent: to one client before it is dropped
     # as too slow, and to all the clients of one worker process.
     ws_send_buffer_bytes: int = setting(

@@ -195,7 +195,9 @@ class ByteBudget:
         self.used = 0
 
 
-class Closable(Protocol):
+class Socket(Protocol):
+    user_id: uuid.UUID
+
     def close(self, code: int, reason: str) -> None: ...
 
 
@@ -207,7 +209,7 @@ class Hub:
         self.event_log = event_log
         self.send_budget = send_budget
         self.streams: dict[uuid.UUID, Stream] = {}
-        self.sockets: set[Closable] = set()
+        self.sockets: set[Socket] = set()
         self._joining = asyncio.Lock()
         self._watcher: asyncio.Task[None] | None = None
 
@@ -270,6 +272,9 @@ class Hub:
                 for stream in tuple(self.streams.values()):
                     stream.catch_up()
             was_connected = connected
+
+    def open_sockets(self, user_id: uuid.UUID) -> int:
+        return sum(1 for socket in self.sockets if socket.user_id == user_id)
 
     def restart(self, code: int, reason: str) -> None:
         """Close every socket, so that its client reconnects elsewhere."""

@@ -154,6 +154,8 @@ async def authenticate(config: Config) -> Caller:
     decision = await rate_limiter().buckets.acquire(f"ws-connect:{caller.user_id}", per_user)
     if not decision.allowed:
         raise Refused(CLOSE_TOO_MANY_CONNECTIONS, "too many connections")
+    if hub().open_sockets(caller.user_id) >= config.ws_sockets_per_user:
+        raise Refused(CLOSE_TOO_MANY_CONNECTIONS, "too many open connections")
     return caller
 
 
@@ -443,22 +445,27 @@ async def ws() -> None:
     """Live events: see the README's WebSocket section for the protocol."""
     config: Config = current_app.config["TASKFLOW"]
     started = time.perf_counter()
-    await websocket.accept()
+    close_code: int | None = None
     try:
-        caller = await authenticate(config)
-    except Refused as refused:
-        await close_socket(refused.code, refused.reason)
-        log_socket(started, refused.code)
-        return
-    connection = Connection(caller, config)
-    try:
-        await connection.serve()
+        await websocket.accept()
+        try:
+            caller = await authenticate(config)
+        except Refused as refused:
+            close_code = refused.code
+            await close_socket(refused.code, refused.reason)
+            return
+        connection = Connection(caller, config)
+        try:
+            await connection.serve()
+        finally:
+            close_code = connection.close_code
     finally:
-        log_socket(started, connection.close_code or 1000)
+        log_socket(started, close_code)
 
 
-def log_socket(started: float, close_code: int) -> None:
-    """One access-log line per socket, as for a request, when it ends."""
+def log_socket(started: float, close_code: int | None) -> None:
+    """One access-log line per socket when it ends, as for a request: its close
+    code, or null when the client (or hypercorn) ended it."""
     access_log.info(
         "websocket",
         extra={

@@ -63,6 +63,7 @@ def environ(database_url: str, instance_dir: Path) -> dict[str, str]:
         "TASKFLOW_AUTH_RATE_LIMIT_PER_MINUTE": "100000",
         "TASKFLOW_WS_CONNECTIONS_PER_MINUTE": "100000",
         "TASKFLOW_WS_MESSAGES_PER_SECOND": "100000",
+        "TASKFLOW_WS_SOCKETS_PER_USER": "100000",
     }
     if ON_POSTGRES:
         env.update(DATABASE_URL=database_url, TASKFLOW_SECRET_KEY=TEST_SECRET)
