@@ -18,7 +18,6 @@ from typing import Any, TypeVar
 
 from quart import current_app, g, request
 from redis.exceptions import RedisError
-from sqlalchemy.ext.asyncio import AsyncSession
 from werkzeug.datastructures import Headers
 
 from .data import accounts
@@ -61,17 +60,16 @@ async def request_caller() -> Caller | None:
     """The caller of this request: None without a bearer token; a 401 unless
     the token is valid and its session live.
 
-    Checked once per request, before the body is read and in a short session
-    of its own, so that no database connection or transaction is held while a
-    client sends its body (the rate limiter's key asks first, then
+    Checked once per request, before the body is read and without the
+    request's database session, so that no connection or transaction is held
+    while a client sends its body (the rate limiter's key asks first, then
     ``require_auth``).
     """
     if "caller" not in g:
         token = bearer_token(request.headers)
         caller = verify_access_token(token) if token is not None else None
         if caller is not None:
-            async with backends().read_sessionmaker() as db_session:
-                await require_live_session(db_session, caller)
+            await require_live_session(caller)
         g.caller = caller
     known: Caller | None = g.caller
     return known
@@ -84,7 +82,10 @@ def _mark_key(session_id: uuid.UUID) -> str:
     return f"taskflow:session:{session_id}"
 
 
-async def session_is_live(db_session: AsyncSession, session_id: uuid.UUID) -> bool:
+async def session_is_live(session_id: uuid.UUID) -> bool:
+    """Whether the login session is live: from its mark in Redis, else from the
+    database in a short session of its own (so the check never holds the
+    request's connection or transaction)."""
     redis = backends().redis
     if redis is not None:
         try:
@@ -94,15 +95,16 @@ async def session_is_live(db_session: AsyncSession, session_id: uuid.UUID) -> bo
         except (RedisError, OSError) as error:
             log.warning("session check falls back to the database: %s", type(error).__name__)
             redis = None
-    live = await accounts.is_session_live(db_session, session_id)
+    async with backends().read_sessionmaker() as db_session:
+        live = await accounts.is_session_live(db_session, session_id)
     if redis is not None:
         # NX: a revocation written meanwhile must not be overwritten by this read.
         await _mark(session_id, live, only_if_absent=True)
     return live
 
 
-async def require_live_session(db_session: AsyncSession, caller: Caller) -> None:
-    if not await session_is_live(db_session, caller.session_id):
+async def require_live_session(caller: Caller) -> None:
+    if not await session_is_live(caller.session_id):
         raise APIError(401, "session_revoked", "The session has been revoked.")
 
 

@@ -143,8 +143,7 @@ async def authenticate(config: Config) -> Caller:
         token = frame.token.strip()
     try:
         caller = verify_access_token(token)
-        async with backends().sessionmaker() as db_session:
-            await require_live_session(db_session, caller)
+        await require_live_session(caller)
     except APIError as error:
         raise Refused(CLOSE_UNAUTHORIZED, error.code) from None
     except Exception:
@@ -285,8 +284,7 @@ class Connection:
         while True:
             await asyncio.sleep(SESSION_CHECK_SECONDS)
             try:
-                async with backends().sessionmaker() as db_session:
-                    live = await session_is_live(db_session, self.caller.session_id)
+                live = await session_is_live(self.caller.session_id)
             except Exception:  # the database is away: keep the socket, check again later
                 log.warning("session check failed", exc_info=True)
                 continue

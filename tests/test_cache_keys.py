@@ -53,7 +53,7 @@ def test_the_task_key_stores_none_apart_from_any_document() -> None:
 def test_the_task_key_is_named_by_the_task() -> None:
     task_id = uuid.uuid4()
     key = task_key(task_id)
-    assert key.name == f"task:{task_id}"
+    assert key.name == f"task-document:{task_id}"
     assert key.entry != key.generation
     assert task_key(uuid.uuid4()).entry != key.entry
 

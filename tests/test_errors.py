@@ -8,6 +8,7 @@ import uuid
 from collections.abc import AsyncIterator
 from datetime import datetime
 
+import httpx
 import pytest
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 from quart import Blueprint
@@ -269,3 +270,9 @@ async def test_content_length_with_transfer_encoding_is_refused_and_closes(
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 400")
     assert json.loads(body)["status"] == 400
+
+
+async def test_responses_do_not_name_the_server(environ: dict[str, str]) -> None:
+    async with live_server(environ) as url, httpx.AsyncClient(base_url=url) as http:
+        for response in (await http.get("/healthz"), await http.get("/nowhere")):
+            assert "server" not in response.headers, response.headers

@@ -103,7 +103,9 @@ def _decode_document(stored: bytes) -> TaskDocument | None:
 
 
 def task_key(task_id: uuid.UUID) -> cache.CacheKey[TaskDocument | None]:
-    return cache.CacheKey(f"task:{task_id}", _encode_document, _decode_document)
+    # A name of its own for each stored format: instances of two releases
+    # share one Redis while a deploy rolls, and must not read each other's.
+    return cache.CacheKey(f"task-document:{task_id}", _encode_document, _decode_document)
 
 
 @dataclass(frozen=True)
