@@ -5,7 +5,7 @@ from __future__ import annotations
 from quart import Quart
 from quart_schema import Info, QuartSchema, tag_blueprint
 
-from . import db, errors, limits, logs, passwords, ws
+from . import db, errors, limits, logs, passwords, server_errors, ws
 from .blueprints import auth, ops, projects, tasks
 from .config import Config
 from .jsonio import JSONRequest, ORJSONProvider
@@ -28,6 +28,7 @@ schema = QuartSchema(
 def create_app(config: Config | None = None) -> Quart:
     """Build the app from *config*, or from the environment when none is given."""
     config = config or Config.from_env()
+    server_errors.install()  # hypercorn's own 400 and 431 as problem+json
     logs.configure_logging(config.log_level)
 
     app = Quart(__name__, static_folder=None)

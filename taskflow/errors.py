@@ -94,17 +94,27 @@ class APIError(Exception):
         self.headers = headers or {}
 
 
-def problem(error: APIError) -> Response:
+def problem_body(error: APIError, request_id: str | None) -> dict[str, Any]:
     body: dict[str, Any] = {
         "type": "about:blank",
         "title": HTTPStatus(error.status).phrase,
         "status": error.status,
         "code": error.code,
         "detail": error.detail,
-        "request_id": g.get("request_id"),
+        "request_id": request_id,
     }
     if error.errors is not None:
         body["errors"] = error.errors
+    return body
+
+
+def plain_code(status: int) -> str:
+    """A code for a status the contract's table does not name (408, 431…)."""
+    return HTTPStatus(status).phrase.lower().replace(" ", "_")
+
+
+def problem(error: APIError) -> Response:
+    body = problem_body(error, g.get("request_id"))
     headers = dict(error.headers)
     if error.status == 401:
         headers.setdefault("WWW-Authenticate", "Bearer")
@@ -161,7 +171,7 @@ async def handle_http_exception(error: HTTPException) -> Response:
         headers["Allow"] = ", ".join(sorted(valid_methods))
     if status not in CODES:
         # Werkzeug's other 4xx (e.g. 408, 431): keep the status, say it plainly.
-        return problem(APIError(status, code=HTTPStatus(status).phrase.lower().replace(" ", "_")))
+        return problem(APIError(status, code=plain_code(status)))
     return problem(APIError(status, headers=headers))
 
 

@@ -276,3 +276,40 @@ async def test_responses_do_not_name_the_server(environ: dict[str, str]) -> None
     async with live_server(environ) as url, httpx.AsyncClient(base_url=url) as http:
         for response in (await http.get("/healthz"), await http.get("/nowhere")):
             assert "server" not in response.headers, response.headers
+
+
+def raw_exchange(port: int, request: bytes) -> tuple[bytes, dict[str, str], bytes]:
+    """Send *request* as is; the status line, headers and body of the answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk  # ends when the server closes the connection
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status, *lines = head.split(b"\r\n")
+    headers = {
+        name.decode().lower(): value.decode().strip()
+        for name, _, value in (line.partition(b":") for line in lines)
+    }
+    return status, headers, body
+
+
+async def test_requests_hypercorn_refuses_get_problems_too(environ: dict[str, str]) -> None:
+    """hypercorn answers what it cannot parse itself (taskflow/server_errors.py)."""
+    async with live_server(environ) as url:
+        port = int(url.rsplit(":", 1)[1])
+        malformed = b"GET /healthz HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n"
+        # Headers past hypercorn's 16 KiB with no end in sight.
+        too_large = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20_000
+        answers = [raw_exchange(port, request) for request in (malformed, too_large)]
+    for (status, headers, body), (expected, code) in zip(
+        answers,
+        [(400, "bad_request"), (431, "request_header_fields_too_large")],
+        strict=True,
+    ):
+        assert status.startswith(f"HTTP/1.1 {expected}".encode()), status
+        assert headers["content-type"] == "application/problem+json"
+        problem = json.loads(body)
+        assert (problem["status"], problem["type"]) == (expected, "about:blank")
+        assert problem["request_id"] == headers["x-request-id"]
+        assert problem["code"] == code
