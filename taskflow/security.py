@@ -52,8 +52,12 @@ def bearer_token(headers: Headers) -> str | None:
     return token.strip()
 
 
-def verify_access_token(token: str) -> Caller:
-    return verify_token(token, TokenType.ACCESS, secret_key())
+async def authenticate(token: str) -> Caller:
+    """The caller an access token speaks for; a 401 unless the token is valid
+    and its session live."""
+    caller = verify_token(token, TokenType.ACCESS, secret_key())
+    await require_live_session(caller)
+    return caller
 
 
 async def request_caller() -> Caller | None:
@@ -67,10 +71,7 @@ async def request_caller() -> Caller | None:
     """
     if "caller" not in g:
         token = bearer_token(request.headers)
-        caller = verify_access_token(token) if token is not None else None
-        if caller is not None:
-            await require_live_session(caller)
-        g.caller = caller
+        g.caller = await authenticate(token) if token is not None else None
     known: Caller | None = g.caller
     return known
 

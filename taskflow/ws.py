@@ -32,7 +32,7 @@ from .data.events import READ_PAGE_SIZE, event_page, latest_event_id
 from .db import backends
 from .errors import APIError
 from .limits import MemoryBuckets, address_key, rate_limiter
-from .security import bearer_token, require_live_session, session_is_live, verify_access_token
+from .security import authenticate, bearer_token, session_is_live
 from .streams import ByteBudget, DatabaseLog, Hub, Subscription, frame_of
 from .tokens import Caller
 
@@ -115,7 +115,7 @@ class Refused(Exception):
         self.code, self.reason = code, reason
 
 
-async def authenticate(config: Config) -> Caller:
+async def authenticate_socket(config: Config) -> Caller:
     """The caller of this socket, from its handshake or its first message."""
     # Before authentication a socket is the route's, limited per address as
     # every route is.
@@ -142,8 +142,7 @@ async def authenticate(config: Config) -> Caller:
             raise Refused(CLOSE_UNAUTHORIZED, "the first message must authenticate")
         token = frame.token.strip()
     try:
-        caller = verify_access_token(token)
-        await require_live_session(caller)
+        caller = await authenticate(token)
     except APIError as error:
         raise Refused(CLOSE_UNAUTHORIZED, error.code) from None
     except Exception:
@@ -330,15 +329,7 @@ class Connection:
         if project_id in self.subscriptions:
             self._unsubscribe(self.subscriptions[project_id])
         if len(self.subscriptions) >= MAX_SUBSCRIPTIONS:
-            self.enqueue(
-                frame_of(
-                    {
-                        "type": "error",
-                        "code": "too_many_subscriptions",
-                        "project_id": str(project_id),
-                    }
-                )
-            )
+            self.enqueue(error_frame("too_many_subscriptions", project_id))
             return
         hub_ = hub()
         subscription = Subscription(self, project_id)
@@ -447,7 +438,7 @@ async def ws() -> None:
     try:
         await websocket.accept()
         try:
-            caller = await authenticate(config)
+            caller = await authenticate_socket(config)
         except Refused as refused:
             close_code = refused.code
             await close_socket(refused.code, refused.reason)

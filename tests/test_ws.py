@@ -1091,7 +1091,7 @@ async def test_refused_handshakes_close_with_their_codes_and_each_socket_is_logg
 async def test_a_socket_that_ends_before_authenticating_is_logged(
     config: Config, environ: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """When the connection ends while ``authenticate`` waits for the first
+    """When the connection ends while ``authenticate_socket`` waits for the first
     message (the client hangs up, or hypercorn closes it with 1009 for a
     message over 64 KiB in characters), Quart cancels the handler: the socket
     is logged all the same, with no close code of the server's."""
