@@ -1,9 +1,9 @@
 """Rate limits: who a request is, and an atomic GCRA shared by every instance.
 
-quart-rate-limiter keeps its decorators, its 429 and its headers, but its
-stores read and then write, so concurrent requests slip past a limit. Here
-each limit is one atomic step: a Lua script in Redis (keys expire once the
-bucket is full again), or a dict in process memory for the embedded default.
+Routes declare their limits with quart-rate-limiter's decorators and are
+refused with its 429; ``Limiter`` enforces them, each in one atomic step: a
+Lua script in Redis (keys expire once the bucket is full again), or a dict in
+process memory for the embedded default.
 When Redis does not answer, limits fall back to process memory (logged once)
 and return to Redis by themselves when it does.
 """

@@ -2,10 +2,11 @@
 subscribes to, live (the README's WebSocket section has the protocol).
 
 A socket authenticates first, with the same bearer parser and session check
-as REST, and only then becomes a ``Connection``. Each connection has a bounded
-send queue; a client that cannot keep up is dropped (it may resume with
-``since``), so nobody waits for the slowest. Streams and fan-out are in
-``streams``.
+as REST, and only then becomes a ``Connection``. Each connection's frames
+wait in an ``Outbox`` bounded in bytes; a client that cannot keep up with live
+events is dropped (it may resume with ``since``), so nobody waits for the
+slowest, and a catch-up is paced by the client's reading. Streams and fan-out
+are in ``streams``.
 """
 
 from __future__ import annotations
@@ -238,7 +239,7 @@ class Outbox:
 
 
 class Connection:
-    """An authenticated socket: its subscriptions, its send queue, its end."""
+    """An authenticated socket: its subscriptions, its outbox, its end."""
 
     def __init__(self, caller: Caller, config: Config) -> None:
         self.caller = caller
@@ -339,7 +340,7 @@ class Connection:
         await hub_.join(subscription)
         try:
             # Short sessions, never two at once: on SQLite each holds the lock.
-            async with backends().sessionmaker() as db_session:
+            async with backends().read_sessionmaker() as db_session:
                 position = await latest_event_id(db_session, project_id)
                 role = await current_role(db_session, project_id, self.user_id)
         except BaseException:
@@ -378,7 +379,7 @@ class Connection:
         while not subscription.ended:
             if subscription.last_id >= hub().position(subscription.project_id):
                 return
-            async with backends().sessionmaker() as db_session:
+            async with backends().read_sessionmaker() as db_session:
                 page = await event_page(
                     db_session, subscription.project_id, subscription.last_id, READ_PAGE_SIZE
                 )
@@ -473,7 +474,7 @@ def init_app(app: Quart) -> None:
         config: Config = app.config["TASKFLOW"]
         hub_ = app.extensions[EXTENSION_KEY] = Hub(
             backends().broker,
-            DatabaseLog(backends().sessionmaker),
+            DatabaseLog(backends().read_sessionmaker),
             ByteBudget(config.ws_worker_buffer_bytes),
         )
         await hub_.start()
