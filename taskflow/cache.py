@@ -16,25 +16,23 @@ see the old value, on any instance.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar, cast
 
 from quart import current_app
-from redis.exceptions import RedisError
+from redis.asyncio import Redis
 
-from .db import RedisBackoff, backends
+from .db import backends
+from .redis_gate import RedisUnavailable
 
 ENTRY_SECONDS = 60
 # A generation outlives the entries filled under it by far more than any
 # reader takes between its database read and its fill.
 GENERATION_SECONDS = ENTRY_SECONDS + 600
 log = logging.getLogger(__name__)
-
-_backoff = RedisBackoff(
-    log, "the cache is bypassed while Redis does not answer", "the cache is used again"
-)
 
 T = TypeVar("T")
 
@@ -58,41 +56,45 @@ class CacheKey(Generic[T]):
 
 async def through(key: CacheKey[T], load: Callable[[], Awaitable[T]]) -> T:
     """The cached value of *key*, or ``load()``'s, which is then cached."""
-    redis = backends().redis
-    if redis is None or not current_app.config["TASKFLOW"].cache_enabled or not _backoff.ready():
+    if not current_app.config["TASKFLOW"].cache_enabled:
         return await load()
+    redis = backends().redis
     try:
         # The client returns bytes: it is not made with decode_responses.
-        found = cast(list[bytes | None], await redis.mget(key.entry, key.generation))
-    except (RedisError, OSError) as error:
-        _backoff.failed(error)
+        found = cast(
+            list[bytes | None], await redis.call(lambda r: r.mget(key.entry, key.generation))
+        )
+    except RedisUnavailable:
         return await load()
-    _backoff.answered()
     entry, generation = found[0], found[1] or b"0"
     if entry is not None:
         filled_under, _, stored = entry.partition(b":")
         if filled_under == generation:
             return key.decode(stored)
     value = await load()
-    try:
-        await redis.set(key.entry, generation + b":" + key.encode(value), ex=ENTRY_SECONDS)
-    except (RedisError, OSError) as error:
-        _backoff.failed(error)
+    filled = generation + b":" + key.encode(value)
+    with contextlib.suppress(RedisUnavailable):
+        await redis.call(lambda r: r.set(key.entry, filled, ex=ENTRY_SECONDS))
     return value
 
 
 async def invalidate(*keys: CacheKey[Any]) -> None:
     """Void the entries of *keys* everywhere; called once the change committed."""
     redis = backends().redis
-    if redis is None or not keys:
+    if not redis.configured or not keys:
         return
-    try:
-        async with redis.pipeline(transaction=False) as pipeline:
+
+    async def bump(client: Redis) -> None:
+        async with client.pipeline(transaction=False) as pipeline:
             for key in keys:
                 pipeline.incr(key.generation)
                 pipeline.expire(key.generation, GENERATION_SECONDS)
             await pipeline.execute()
-    except (RedisError, OSError) as error:
-        # Readers bypass the cache while Redis is away; were it to come back
-        # without this invalidation, an entry lives at most ENTRY_SECONDS.
-        log.warning("cache invalidation failed: %s", type(error).__name__)
+
+    try:
+        await redis.call(bump)
+    except RedisUnavailable:
+        # Readers on this instance bypass the cache while Redis is away. An
+        # instance that still reads Redis (a partition of this one only) may
+        # serve the old entry until it expires: at most ENTRY_SECONDS.
+        log.warning("cache invalidation not sent: Redis is unavailable")

@@ -63,6 +63,31 @@ class Config:
         "TASKFLOW_WS_WORKER_BUFFER_BYTES", 64 * 1024 * 1024, minimum=1024 * 1024
     )
     database_pool_size: int = setting("TASKFLOW_DATABASE_POOL_SIZE", 10, minimum=1)
+    # Deadlines on the database: a request waits this long for a pooled
+    # connection, for a lock, and for a statement, then answers 503.
+    database_pool_timeout_ms: int = setting(
+        "TASKFLOW_DATABASE_POOL_TIMEOUT_MS", 2000, minimum=100, maximum=60_000
+    )
+    database_lock_timeout_ms: int = setting(
+        "TASKFLOW_DATABASE_LOCK_TIMEOUT_MS", 1000, minimum=50, maximum=60_000
+    )
+    database_statement_timeout_ms: int = setting(
+        "TASKFLOW_DATABASE_STATEMENT_TIMEOUT_MS", 5000, minimum=100, maximum=600_000
+    )
+    # The release phase's migrations: how long each waits for a lock before it
+    # gives up and tries again (shorter than the lock timeout above, so that
+    # requests queued behind a migration never time out because of it), and
+    # for how long it keeps trying.
+    migration_lock_timeout_ms: int = setting(
+        "TASKFLOW_MIGRATION_LOCK_TIMEOUT_MS", 500, minimum=50, maximum=60_000
+    )
+    migration_retry_seconds: int = setting(
+        "TASKFLOW_MIGRATION_RETRY_SECONDS", 300, minimum=0, maximum=3600
+    )
+    # Every Redis call's deadline, and how long every caller then leaves Redis
+    # alone (see redis_gate.py).
+    redis_timeout_ms: int = setting("TASKFLOW_REDIS_TIMEOUT_MS", 250, minimum=10, maximum=10_000)
+    redis_backoff_ms: int = setting("TASKFLOW_REDIS_BACKOFF_MS", 1000, minimum=10, maximum=60_000)
     # Authorization lookups and tasks cached in Redis (for comparisons; see cache.py).
     cache_enabled: bool = setting("TASKFLOW_CACHE_ENABLED", True)
 
@@ -107,6 +132,13 @@ class Config:
             secret_key=secret_key,
             **settings,
         )
+
+    @classmethod
+    def setting(cls, name: str, environ: Mapping[str, str] | None = None) -> Any:
+        """One setting, read from the environment alone (for tools such as the
+        migrations, which need no secret key)."""
+        field = next(field for field in dataclasses.fields(cls) if field.name == name)
+        return _read(os.environ if environ is None else environ, field)
 
 
 def normalize_database_url(raw: str) -> str:

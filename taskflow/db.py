@@ -12,8 +12,6 @@ way, and the BEGIN and COMMIT round trips are saved.
 
 from __future__ import annotations
 
-import logging
-import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +19,8 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 from quart import Quart, Response, current_app, g, request
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from sqlalchemy import Executable, Result, Row, Select, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import (
@@ -33,6 +33,7 @@ from sqlalchemy.ext.asyncio import (
 from .broker import Broker, InProcessBroker, RedisBroker
 from .config import Config
 from .jsonio import dumps
+from .redis_gate import RedisGate
 
 EXTENSION_KEY = "taskflow.backends"
 
@@ -49,21 +50,18 @@ class Backends:
     engine: AsyncEngine
     sessionmaker: async_sessionmaker[AsyncSession]
     read_sessionmaker: async_sessionmaker[AsyncSession]
-    redis: aioredis.Redis | None
+    redis: RedisGate
     broker: Broker
 
     @classmethod
     def create(cls, config: Config) -> Backends:
         engine = create_engine(config)
-        redis = None
-        if config.redis_url:
-            redis = aioredis.from_url(
-                config.redis_url,
-                socket_timeout=CONNECT_TIMEOUT_SECONDS,
-                socket_connect_timeout=CONNECT_TIMEOUT_SECONDS,
-                health_check_interval=30,
-            )
-        broker: Broker = RedisBroker(redis) if redis is not None else InProcessBroker()
+        redis = RedisGate(
+            create_redis(config.redis_url, config) if config.redis_url else None,
+            deadline_seconds=config.redis_timeout_ms / 1000,
+            backoff_seconds=config.redis_backoff_ms / 1000,
+        )
+        broker: Broker = RedisBroker(redis) if redis.configured else InProcessBroker()
         read_engine = (
             engine.execution_options(isolation_level="AUTOCOMMIT")
             if engine.dialect.name == "postgresql"
@@ -79,42 +77,32 @@ class Backends:
 
     async def close(self) -> None:
         await self.broker.close()
-        if self.redis is not None:
-            await self.redis.aclose()
+        if self.redis.client is not None:
+            await self.redis.client.aclose()
         await self.engine.dispose()
-
-
-class RedisBackoff:
-    """After a Redis error, leave Redis alone for a second (its users fall back
-    meanwhile); warn when that starts and when Redis answers again, not on
-    every request."""
-
-    RETRY_SECONDS = 1.0
-
-    def __init__(self, logger: logging.Logger, down: str, up: str) -> None:
-        self._log, self._down, self._up = logger, down, up
-        self._until = 0.0
-
-    def ready(self) -> bool:
-        return time.monotonic() >= self._until
-
-    def failed(self, error: Exception) -> None:
-        if self._until == 0.0:
-            self._log.warning("%s: %s", self._down, error)
-        self._until = time.monotonic() + self.RETRY_SECONDS
-
-    def answered(self) -> None:
-        if self._until:
-            self._log.warning(self._up)
-            self._until = 0.0
 
 
 def _json_dumps(value: Any) -> str:
     return dumps(value).decode()
 
 
+def create_redis(url: str, config: Config) -> aioredis.Redis:
+    """The Redis client: no retries of its own, and no socket wait longer than
+    a call's deadline (the gate bounds each call as a whole; this bounds the
+    broker's subscription too)."""
+    deadline = config.redis_timeout_ms / 1000
+    return aioredis.from_url(
+        url,
+        socket_timeout=deadline,
+        socket_connect_timeout=deadline,
+        retry=Retry(NoBackoff(), retries=0),
+        health_check_interval=30,
+    )
+
+
 def create_engine(config: Config) -> AsyncEngine:
     url = make_url(config.database_url)
+    pool_timeout = config.database_pool_timeout_ms / 1000
     if url.get_backend_name() != "sqlite":
         return create_async_engine(
             url,
@@ -127,11 +115,20 @@ def create_engine(config: Config) -> AsyncEngine:
             # asyncpg its type introspection, on every overflow.
             pool_size=config.database_pool_size,
             max_overflow=0,
-            pool_timeout=CONNECT_TIMEOUT_SECONDS,
+            pool_timeout=pool_timeout,
             pool_recycle=1800,
             connect_args={
                 "timeout": CONNECT_TIMEOUT_SECONDS,
-                "server_settings": {"application_name": "taskflow"},
+                # The server ends a statement that runs, or waits for a lock,
+                # for longer than these (a 503 for the request); the client
+                # gives up on a server that does not answer at all.
+                "server_settings": {
+                    "application_name": "taskflow",
+                    "statement_timeout": str(config.database_statement_timeout_ms),
+                    "lock_timeout": str(config.database_lock_timeout_ms),
+                },
+                "command_timeout": config.database_statement_timeout_ms / 1000
+                + CONNECT_TIMEOUT_SECONDS,
             },
         )
     engine = create_async_engine(
@@ -139,18 +136,21 @@ def create_engine(config: Config) -> AsyncEngine:
         json_serializer=_json_dumps,
         json_deserializer=orjson.loads,
         hide_parameters=True,
-        connect_args={"timeout": 30},
+        pool_timeout=pool_timeout,
+        connect_args={"timeout": config.database_statement_timeout_ms / 1000},
     )
 
     # SQLite: enforce foreign keys, and take the write lock when a transaction
     # begins so that two transactions never deadlock upgrading a read lock.
+    # The whole database is one lock, which the app's own writes take in turn,
+    # so a writer waits for it as long as a statement may run (the
+    # connection's timeout, which sets SQLite's busy timeout).
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA busy_timeout=30000")
         cursor.close()
 
     @event.listens_for(engine.sync_engine, "begin")

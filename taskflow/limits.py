@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-import logging
 import math
 import time
 from dataclasses import dataclass
@@ -25,16 +24,15 @@ from quart_rate_limiter import (
     RateLimit,
     RateLimitExceeded,
 )
+from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
-from redis.exceptions import RedisError
 
 from .config import Config
-from .db import RedisBackoff, backends
+from .db import backends
 from .errors import APIError
+from .redis_gate import RedisUnavailable
 from .schemas import normalize_email
 from .security import request_caller
-
-log = logging.getLogger(__name__)
 
 EXTENSION_KEY = "taskflow.limiter"
 
@@ -93,34 +91,29 @@ class MemoryBuckets:
 
 
 class Buckets:
-    """The app's rate-limit buckets: in Redis when configured, else in memory."""
+    """The app's rate-limit buckets: in Redis when it answers, else in memory."""
 
     def __init__(self) -> None:
         self.memory = MemoryBuckets()
-        self._backoff = RedisBackoff(
-            log,
-            "rate limits fall back to process memory",
-            "rate limits are shared through Redis again",
-        )
         self._script: AsyncScript | None = None
 
     async def acquire(self, key: str, limit: RateLimit) -> Decision:
-        redis = backends().redis
-        if redis is not None and self._backoff.ready():
-            interval = limit.inverse * 1_000_000
-            tolerance = limit.period.total_seconds() * 1_000_000 - interval
-            if self._script is None or self._script.registered_client is not redis:
-                self._script = redis.register_script(GCRA_SCRIPT)
-            try:
-                allowed, wait_us, full_us = await self._script(
+        interval = limit.inverse * 1_000_000
+        tolerance = limit.period.total_seconds() * 1_000_000 - interval
+        try:
+            allowed, wait_us, full_us = await backends().redis.call(
+                lambda redis: self._gcra(redis)(
                     keys=[f"taskflow:limit:{key}"], args=[int(interval), int(tolerance)]
                 )
-            except (RedisError, OSError) as error:
-                self._backoff.failed(error)
-            else:
-                self._backoff.answered()
-                return Decision.of(limit, bool(allowed), wait_us, full_us)
-        return self.memory.acquire(key, limit)
+            )
+        except RedisUnavailable:
+            return self.memory.acquire(key, limit)
+        return Decision.of(limit, bool(allowed), wait_us, full_us)
+
+    def _gcra(self, redis: Redis) -> AsyncScript:
+        if self._script is None or self._script.registered_client is not redis:
+            self._script = redis.register_script(GCRA_SCRIPT)
+        return self._script
 
 
 MINUTE = timedelta(minutes=1)

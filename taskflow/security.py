@@ -17,12 +17,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from quart import current_app, g, request
-from redis.exceptions import RedisError
 from werkzeug.datastructures import Headers
 
 from .data import accounts
 from .db import backends
 from .errors import APIError
+from .redis_gate import RedisUnavailable
 from .tokens import ACCESS_TOKEN_LIFETIME, Caller, TokenType, verify_token
 
 # A session known revoked stays so in Redis for longer than any access token
@@ -88,20 +88,21 @@ async def session_is_live(session_id: uuid.UUID) -> bool:
     database in a short session of its own (so the check never holds the
     request's connection or transaction)."""
     redis = backends().redis
-    if redis is not None:
-        try:
-            mark = await redis.get(_mark_key(session_id))
-            if mark is not None:
-                return bool(mark == b"1")
-        except (RedisError, OSError) as error:
-            log.warning("session check falls back to the database: %s", type(error).__name__)
-            redis = None
-    async with backends().read_sessionmaker() as db_session:
-        live = await accounts.is_session_live(db_session, session_id)
-    if redis is not None:
-        # NX: a revocation written meanwhile must not be overwritten by this read.
-        await _mark(session_id, live, only_if_absent=True)
+    try:
+        mark = await redis.call(lambda r: r.get(_mark_key(session_id)))
+    except RedisUnavailable:
+        return await _session_is_live_in_database(session_id)
+    if mark is not None:
+        return bool(mark == b"1")
+    live = await _session_is_live_in_database(session_id)
+    # NX: a revocation written meanwhile must not be overwritten by this read.
+    await _mark(session_id, live, only_if_absent=True)
     return live
+
+
+async def _session_is_live_in_database(session_id: uuid.UUID) -> bool:
+    async with backends().read_sessionmaker() as db_session:
+        return await accounts.is_session_live(db_session, session_id)
 
 
 async def require_live_session(caller: Caller) -> None:
@@ -109,19 +110,18 @@ async def require_live_session(caller: Caller) -> None:
         raise APIError(401, "session_revoked", "The session has been revoked.")
 
 
-async def _mark(session_id: uuid.UUID, live: bool, *, only_if_absent: bool = False) -> None:
-    redis = backends().redis
-    if redis is None:
-        return
+async def _mark(session_id: uuid.UUID, live: bool, *, only_if_absent: bool = False) -> bool:
+    """Mark the session live or revoked in Redis; whether that was done."""
+    expiry = LIVE_MARK_SECONDS if live else REVOKED_MARK_SECONDS
     try:
-        await redis.set(
-            _mark_key(session_id),
-            b"1" if live else b"0",
-            ex=LIVE_MARK_SECONDS if live else REVOKED_MARK_SECONDS,
-            nx=only_if_absent,
+        await backends().redis.call(
+            lambda r: r.set(
+                _mark_key(session_id), b"1" if live else b"0", ex=expiry, nx=only_if_absent
+            )
         )
-    except (RedisError, OSError) as error:
-        log.warning("session mark not written: %s", type(error).__name__)
+    except RedisUnavailable:
+        return False
+    return True
 
 
 async def forget_revoked_session(session_id: uuid.UUID) -> None:
@@ -130,7 +130,12 @@ async def forget_revoked_session(session_id: uuid.UUID) -> None:
     Called after the revocation committed. Were Redis to miss it while down, a
     stale "live" mark lives at most ``LIVE_MARK_SECONDS``.
     """
-    await _mark(session_id, live=False)
+    if not await _mark(session_id, live=False):
+        log.warning(
+            "a revoked session could not be marked in Redis: instances that read its "
+            "'live' mark accept its tokens for up to %d s more",
+            LIVE_MARK_SECONDS,
+        )
 
 
 # require_auth

@@ -13,6 +13,7 @@ from taskflow.access import role_key
 from taskflow.config import Config
 from taskflow.data.tasks import TaskDocument, task_key
 from taskflow.models import MemberRole
+from taskflow.redis_gate import RedisGate
 
 T = TypeVar("T")
 
@@ -93,7 +94,8 @@ class FakeRedis:
 @pytest.fixture
 async def redis(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[FakeRedis]:
     redis = FakeRedis()
-    monkeypatch.setattr(cache, "backends", lambda: SimpleNamespace(redis=redis))
+    gate = RedisGate(redis, deadline_seconds=1, backoff_seconds=1)  # type: ignore[arg-type]
+    monkeypatch.setattr(cache, "backends", lambda: SimpleNamespace(redis=gate))
     app: Quart = create_app(
         Config(database_url="sqlite+aiosqlite:///:memory:", redis_url=None, secret_key="x" * 40)
     )

@@ -16,6 +16,7 @@ from taskflow.config import Config
 from taskflow.db import after_commit, backends, session
 from taskflow.errors import APIError
 from taskflow.models import User
+from taskflow.redis_gate import RedisGate
 
 from .support import TEST_REDIS_URL, redis_only, running
 
@@ -52,7 +53,7 @@ async def test_backends_live_between_startup_and_shutdown(config: Config) -> Non
     app = create_app(config)
     async with app.test_app(), app.app_context():
         started = backends()
-        assert (started.redis is not None) == bool(config.redis_url)
+        assert started.redis.configured == bool(config.redis_url)
         expected = RedisBroker if config.redis_url else InProcessBroker
         assert isinstance(started.broker, expected)
     assert "taskflow.backends" not in app.extensions
@@ -106,7 +107,7 @@ async def test_in_process_broker_hands_every_message_to_every_sink() -> None:
 @redis_only
 async def test_redis_broker_reaches_every_instance() -> None:
     clients = [aioredis.from_url(TEST_REDIS_URL) for _ in range(2)]
-    brokers = [RedisBroker(client) for client in clients]
+    brokers = [RedisBroker(RedisGate(client, 1, 1)) for client in clients]
     received: list[list[dict[str, Any]]] = [[], []]
     for broker, inbox in zip(brokers, received, strict=True):
         broker.subscribe(inbox.append)
@@ -127,6 +128,6 @@ async def test_redis_broker_reaches_every_instance() -> None:
 
 async def test_redis_broker_publish_survives_redis_being_down() -> None:
     client = aioredis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.5)
-    broker = RedisBroker(client)
+    broker = RedisBroker(RedisGate(client, 1, 1))
     await broker.publish({"project_id": "p"})  # type: ignore[typeddict-item]  # logged, not raised
     await client.aclose()

@@ -69,16 +69,9 @@ async def _probe_database() -> str:
 
 async def _probe_redis() -> str:
     redis = backends().redis
-    if redis is None:
+    if not redis.configured:
         return "disabled"
-    try:
-        async with asyncio.timeout(PROBE_TIMEOUT_SECONDS):
-            await redis.ping()
-    except Exception as error:
-        if is_unavailable(error):
-            return "down"
-        raise
-    return "ok"
+    return "ok" if await redis.probe() else "down"
 
 
 @blueprint.get("/docs/assets/<path:filename>")
