@@ -51,8 +51,11 @@ DETAILS = {
 
 # SQLSTATE classes that mean the server is going away or refusing work:
 # connection exception, insufficient resources, operator intervention
-# (administrator shutdown, "the database system is starting up").
+# (administrator shutdown, "the database system is starting up", a statement
+# over statement_timeout); and the one code for a lock waited on for longer
+# than lock_timeout.
 UNAVAILABLE_SQLSTATE_CLASSES = ("08", "53", "57")
+LOCK_NOT_AVAILABLE = "55P03"
 
 
 def is_unavailable(error: BaseException) -> bool:
@@ -63,6 +66,7 @@ def is_unavailable(error: BaseException) -> bool:
             error.connection_invalidated
             or isinstance(error, exc.OperationalError | exc.InterfaceError)
             or sqlstate[:2] in UNAVAILABLE_SQLSTATE_CLASSES
+            or sqlstate == LOCK_NOT_AVAILABLE
         )
     return isinstance(
         error,
