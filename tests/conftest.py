@@ -17,6 +17,7 @@ from quart.typing import TestClientProtocol as Client
 
 from taskflow.config import Config
 
+from .faults import figures_table
 from .support import (
     ON_POSTGRES,
     TEST_REDIS_URL,
@@ -111,3 +112,11 @@ async def project(client: Client, owner: TestUser, member: TestUser) -> dict[str
     project = await create_project(client, owner, "Launch")
     await add_member(client, project, owner, member)
     return project
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The fault tests' figures as one table at the end of the run (CI's log)."""
+    if lines := figures_table():
+        terminalreporter.section("fault figures")
+        for line in lines:
+            terminalreporter.write_line(line)
