@@ -16,6 +16,54 @@ from .errors import APIError, validation_failed
 MAX_MEMBERS = 64
 
 
+class DuplicateName(ValueError):
+    """An object names one member twice, which I-JSON (RFC 7493) refuses and
+    orjson would quietly resolve by keeping the last."""
+
+
+def _members_written(text: bytes) -> int:
+    """How many members the objects of valid JSON *text* have, duplicates
+    included: outside strings, a colon only ever ends a member's name."""
+    # Escaped backslashes go first, then escaped quotes (pairing backslashes
+    # left to right, as a parser does): every quote left opens or closes a
+    # string, and the text outside strings is every other piece between them.
+    text = text.replace(b"\\\\", b"").replace(b'\\"', b"")
+    return b"".join(text.split(b'"')[::2]).count(b":")
+
+
+def _members_kept(value: Any) -> int:
+    """How many members the objects of a parsed value have (no recursion: the
+    value may be 1024 levels deep)."""
+    count, pending = 0, [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, dict):
+            count += len(item)
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return count
+
+
+def loads_strict(data: str | bytes) -> Any:
+    """Strict JSON, for request bodies and WebSocket messages; ValueError if not.
+
+    Strict: valid UTF-8, no NaN or Infinity, no number beyond a double, at most
+    1024 levels deep (orjson's own rules), and no object that names a member
+    twice (``DuplicateName``). orjson keeps the last of duplicates, so they
+    are found by counting: the text's members against the parsed value's. A
+    flat object (every request body the API takes is one) needs no walk of
+    the parsed value: its own length is the count.
+    """
+    value = orjson.loads(data)
+    written = _members_written(data.encode() if isinstance(data, str) else data)
+    if written == (len(value) if isinstance(value, dict) else 0):
+        return value
+    if written != _members_kept(value):
+        raise DuplicateName("an object names a member twice")
+    return value
+
+
 def json_default(value: Any) -> Any:
     """What orjson does not know natively: above all asyncpg's own UUID class."""
     if isinstance(value, uuid.UUID):
@@ -62,8 +110,7 @@ class ORJSONProvider(DefaultJSONProvider):
 class JSONRequest(Request):
     """A request whose JSON body must be ``application/json`` and strict JSON.
 
-    strict: valid UTF-8, no NaN or Infinity, no number beyond a double, at most
-    1024 levels deep (orjson's limit).
+    strict: as ``loads_strict`` has it.
     """
 
     async def get_json(self, force: bool = False, silent: bool = False, cache: bool = True) -> Any:
@@ -74,8 +121,14 @@ class JSONRequest(Request):
             raise APIError(415)
         body = await self.get_data(cache=cache, as_text=False)
         try:
-            value = orjson.loads(body)
-        except orjson.JSONDecodeError:
+            value = loads_strict(body)
+        except DuplicateName:
+            if silent:
+                return None
+            raise APIError(
+                400, detail="An object in the request body names a member twice."
+            ) from None
+        except ValueError:  # orjson.JSONDecodeError
             if silent:
                 return None
             raise APIError(400) from None

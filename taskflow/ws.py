@@ -32,6 +32,7 @@ from .config import Config
 from .data.events import READ_PAGE_SIZE, event_page, latest_event_id
 from .db import backends
 from .errors import APIError
+from .jsonio import loads_strict
 from .limits import MemoryBuckets, address_key, rate_limiter
 from .security import authenticate, bearer_token, session_is_live
 from .streams import ByteBudget, DatabaseLog, Hub, Subscription, frame_of
@@ -170,8 +171,8 @@ def parse_frame(message: str | bytes) -> AnyFrame | None:
     if not isinstance(message, str):
         return None
     try:
-        return ClientFrame.validate_json(message)
-    except ValidationError:
+        return ClientFrame.validate_python(loads_strict(message))
+    except (ValueError, ValidationError):  # not strict JSON (duplicate names too), not a frame
         return None
 
 

@@ -21,6 +21,7 @@ from taskflow import create_app
 from taskflow.config import Config
 from taskflow.db import session
 from taskflow.errors import is_unavailable
+from taskflow.jsonio import DuplicateName, loads_strict
 from taskflow.logs import JSONFormatter
 
 from .support import live_server, problem_of, running
@@ -89,6 +90,67 @@ async def test_body_that_is_not_json_is_400(probe_client: Client) -> None:
             "/probe", data=body, headers={"Content-Type": "application/json"}
         )
         problem_of(response, await response.get_json(), 400, "invalid_json")
+
+
+DUPLICATES = [
+    b'{"title": "a", "title": "b"}',
+    b'{"title": "a", "t\\u0069tle": "b"}',  # one name, spelt two ways
+    b'{"title": "a", "due": {"x": 1, "x": 2}}',
+    b'{"title": [[{"x": {"y": null, "y": null}}]]}',
+    b'{"title": "a", "due": ' + b"[" * 1000 + b'{"x": 1, "x": 1}' + b"]" * 1000 + b"}",
+    b"{" + b", ".join([b'"title": "a"'] * 100) + b"}",
+]
+
+
+@pytest.mark.parametrize("body", DUPLICATES, ids=lambda body: body[:40].decode())
+async def test_duplicate_member_names_are_400(probe_client: Client, body: bytes) -> None:
+    # Strict JSON is I-JSON (RFC 7493): an object never names a member twice.
+    response = await probe_client.post(
+        "/probe", data=body, headers={"Content-Type": "application/json"}
+    )
+    problem_of(response, await response.get_json(), 400, "invalid_json")
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        (b'{"title": "a", "due": "2026-01-01T10:00:00+02:00"}', 200),
+        (b'{"title": "a:\\"title\\": \\\\", "due": null}', 200),
+        (b'{"title": "a", "due": {"x": 1, "y": {"x": 1}}}', 422),
+        (b'{"title": "a", "due": ' + b"[" * 1000 + b'{"x": 1, "y": 1}' + b"]" * 1000 + b"}", 422),
+    ],
+)
+async def test_the_same_without_duplicates_is_parsed(
+    probe_client: Client, body: bytes, status: int
+) -> None:
+    response = await probe_client.post(
+        "/probe", data=body, headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == status, await response.get_json()
+
+
+@pytest.mark.parametrize(
+    ("text", "duplicate"),
+    [
+        ('{"a": 1, "b": 2}', False),
+        ('{"a": 1, "a": 2}', True),
+        ('{"a:": 1, "a": ":"}', False),
+        ('{"a\\"": ":", "a\\"": 1}', True),
+        ('{"a\\\\": "\\\\", "a\\\\": 1}', True),
+        ('{"a\\\\": "\\"", "b": {"a": 1, "b": 2}}', False),
+        ('{"a": "\\u003a", "a": 1}', True),
+        ('[{"a": 1}, {"a": 1}, {}]', False),
+        ('[{"a": 1, "a": 1}]', True),
+        ('{"é": 1, "\\u00e9": 2}', True),
+    ],
+)
+def test_duplicates_are_found_whatever_the_strings_hold(text: str, duplicate: bool) -> None:
+    for data in (text, text.encode()):
+        if duplicate:
+            with pytest.raises(DuplicateName):
+                loads_strict(data)
+        else:
+            assert loads_strict(data) == json.loads(text)
 
 
 async def test_body_that_is_not_application_json_is_415(probe_client: Client) -> None:

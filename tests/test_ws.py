@@ -249,6 +249,30 @@ async def test_protocol_errors_keep_the_connection(server: str, http: httpx.Asyn
         assert await close_code(ws) == 1009
 
 
+async def test_duplicate_member_names_are_a_bad_message(
+    server: str, http: httpx.AsyncClient
+) -> None:
+    # I-JSON: of two project_ids, which one counts is not the server's to guess.
+    user, stranger = await Api.register(http), await Api.register(http)
+    mine, theirs = await user.project(), await stranger.project()
+    async with await ready(server, user) as ws:
+        for bad in (
+            '{"type": "ping", "type": "ping"}',
+            f'{{"type": "subscribe", "project_id": "{theirs["id"]}", '
+            f'"project_id": "{mine["id"]}"}}',
+            f'{{"type": "subscribe", "project_id": "{mine["id"]}", "since": 0, "since": 1}}',
+            '{"type": "ping", "t\\u0079pe": "ping"}',
+        ):
+            await ws.send(bad)
+            assert await receive(ws) == {"type": "error", "code": "bad_message"}
+        await ws.send(f'{{"type": "subscribe", "project_id": "{mine["id"]}"}}')
+        subscribed = await receive(ws)
+        assert (subscribed["type"], subscribed["project_id"]) == ("subscribed", mine["id"])
+    async with await connect(server) as ws:
+        await ws.send(f'{{"type": "auth", "token": "{user.token}", "token": "{user.token}"}}')
+        assert await close_code(ws) == 4401
+
+
 async def test_resume_with_since_gets_every_event_exactly_once(
     server: str, http: httpx.AsyncClient
 ) -> None:
