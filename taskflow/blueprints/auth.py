@@ -23,7 +23,7 @@ from ..passwords import (
     has_control_characters,
     hasher,
 )
-from ..schemas import Email, normalize_email
+from ..schemas import Email
 from ..security import forget_revoked_session, require_auth, secret_key
 from ..tokens import Caller, IssuedTokens, TokenType, token_hash, verify_token
 
@@ -54,11 +54,6 @@ class Registration(Credentials):
             "pattern": NO_CONTROL_CHARACTERS,
         }
     )
-
-    @field_validator("email")
-    @classmethod
-    def _email(cls, value: str) -> str:
-        return normalize_email(value)
 
     @field_validator("password")
     @classmethod
