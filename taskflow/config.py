@@ -21,6 +21,7 @@ MIN_SECRET_BYTES = 32
 # A file's name, not a secret.
 SECRET_FILE_NAME = "secret_key"  # noqa: S105  # nosec B105
 EMBEDDED_DATABASE_NAME = "taskflow.sqlite3"
+POOLED_DATABASE_URL = "DATABASE_CONNECTION_POOL_URL"
 
 
 class ConfigError(Exception):
@@ -86,6 +87,14 @@ class Config:
     )
     # Every Redis call's deadline, and how long every caller then leaves Redis
     # alone (see redis_gate.py).
+    # Redis over TLS (rediss://): the CA bundle to trust instead of the
+    # system's, or no certificate verification at all (Heroku Redis presents
+    # self-signed certificates and asks for this).
+    redis_tls_ca_file: str = setting("TASKFLOW_REDIS_TLS_CA_FILE", "")
+    redis_tls_verify: bool = setting("TASKFLOW_REDIS_TLS_VERIFY", True)
+    # PostgreSQL through PgBouncer in transaction mode: no prepared statements
+    # kept across transactions, no session settings at connect (set on the role).
+    database_pgbouncer: bool = setting("TASKFLOW_DATABASE_PGBOUNCER", False)
     redis_timeout_ms: int = setting("TASKFLOW_REDIS_TIMEOUT_MS", 250, minimum=10, maximum=10_000)
     redis_backoff_ms: int = setting("TASKFLOW_REDIS_BACKOFF_MS", 1000, minimum=10, maximum=60_000)
     # Authorization lookups and tasks cached in Redis (for comparisons; see cache.py).
@@ -100,7 +109,11 @@ class Config:
         generated once and kept beside it.
         """
         env = os.environ if environ is None else environ
-        raw_database_url = env.get("DATABASE_URL", "").strip()
+        # Heroku's connection pooling (PgBouncer in transaction mode) is a URL
+        # of its own; the app serves through it, the release phase's
+        # migrations keep DATABASE_URL.
+        pooled_url = env.get(POOLED_DATABASE_URL, "").strip()
+        raw_database_url = pooled_url or env.get("DATABASE_URL", "").strip()
         secret_key = env.get("TASKFLOW_SECRET_KEY", "")
         if raw_database_url:
             database_url = normalize_database_url(raw_database_url)
@@ -126,6 +139,11 @@ class Config:
             for field in dataclasses.fields(cls)
             if "env" in field.metadata
         }
+        if pooled_url:
+            settings["database_pgbouncer"] = True
+        ca_file = settings["redis_tls_ca_file"]
+        if ca_file and not Path(ca_file).is_file():
+            raise ConfigError(f"TASKFLOW_REDIS_TLS_CA_FILE: no such file {ca_file!r}.")
         return cls(
             database_url=database_url,
             redis_url=normalize_redis_url(raw_redis_url) if raw_redis_url else None,
@@ -199,7 +217,7 @@ def _read(env: Mapping[str, str], field: dataclasses.Field[Any]) -> Any:
         return _bool(name, raw)
     if isinstance(default, int):
         return _int(name, raw, field.metadata["minimum"], field.metadata["maximum"])
-    return raw.upper()  # the log level, the one text setting
+    return raw
 
 
 def _int(name: str, raw: str, minimum: int | None, maximum: int | None) -> int:

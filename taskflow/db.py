@@ -12,7 +12,11 @@ way, and the BEGIN and COMMIT round trips are saved.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Awaitable, Callable
+import asyncio
+import logging
+import ssl
+import uuid
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +25,7 @@ import redis.asyncio as aioredis
 from quart import Quart, Response, current_app, g, request
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import AuthenticationError
 from sqlalchemy import Executable, Result, Row, Select, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import (
@@ -31,7 +36,7 @@ from sqlalchemy.ext.asyncio import (
 )
 
 from .broker import Broker, InProcessBroker, RedisBroker
-from .config import Config
+from .config import Config, ConfigError
 from .jsonio import dumps
 from .redis_gate import RedisGate
 
@@ -42,6 +47,11 @@ AnySelect = Select[*tuple[Any, ...]]
 AnyRow = Row[*tuple[Any, ...]]
 
 CONNECT_TIMEOUT_SECONDS = 5.0
+# How long the start-up check waits for Redis (a Redis that is merely down is
+# not a reason to stay down).
+STARTUP_CHECK_SECONDS = 5.0
+
+log = logging.getLogger(__name__)
 READ_METHODS = ("GET", "HEAD")  # they never write: nothing to commit
 
 
@@ -91,19 +101,87 @@ def create_redis(url: str, config: Config) -> aioredis.Redis:
     a call's deadline (the gate bounds each call as a whole; this bounds the
     broker's subscription too)."""
     deadline = config.redis_timeout_ms / 1000
+    tls: dict[str, Any] = {}
+    if url.startswith("rediss://"):
+        tls["ssl_cert_reqs"] = "required" if config.redis_tls_verify else "none"
+        tls["ssl_check_hostname"] = config.redis_tls_verify
+        if config.redis_tls_ca_file:
+            tls["ssl_ca_certs"] = config.redis_tls_ca_file
     return aioredis.from_url(
         url,
         socket_timeout=deadline,
         socket_connect_timeout=deadline,
         retry=Retry(NoBackoff(), retries=0),
         health_check_interval=30,
+        **tls,
     )
+
+
+async def check_redis(gate: RedisGate) -> None:
+    """At start-up: a configured Redis that can never work (its certificate
+    refused, a TLS handshake with a server that speaks none, a wrong password)
+    is a configuration error, not the degraded mode of a Redis that is down."""
+    client = gate.client
+    if client is None:
+        return
+    try:
+        async with asyncio.timeout(STARTUP_CHECK_SECONDS):
+            await client.ping()
+    except Exception as error:
+        if isinstance(error, AuthenticationError):
+            raise ConfigError(
+                "REDIS_URL: Redis refused the credentials (wrong or missing password)."
+            ) from None
+        if any(isinstance(cause, ssl.SSLError) for cause in causes(error)):
+            raise ConfigError(
+                f"REDIS_URL: the TLS connection to Redis failed ({error}). For a server "
+                "with a self-signed certificate, set TASKFLOW_REDIS_TLS_CA_FILE to its CA "
+                "bundle, or TASKFLOW_REDIS_TLS_VERIFY=false where the platform asks for it."
+            ) from None
+        log.warning(
+            "Redis does not answer at start-up (%s): serving without it until it does",
+            type(error).__name__,
+        )
+
+
+def causes(error: BaseException) -> Iterator[BaseException]:
+    """*error* and the exceptions it was raised from or during."""
+    seen: BaseException | None = error
+    while seen is not None:
+        yield seen
+        seen = seen.__cause__ or seen.__context__
 
 
 def create_engine(config: Config) -> AsyncEngine:
     url = make_url(config.database_url)
     pool_timeout = config.database_pool_timeout_ms / 1000
     if url.get_backend_name() != "sqlite":
+        connect_args: dict[str, Any] = {
+            "timeout": CONNECT_TIMEOUT_SECONDS,
+            # The client gives up on a server that does not answer at all.
+            "command_timeout": config.database_statement_timeout_ms / 1000
+            + CONNECT_TIMEOUT_SECONDS,
+        }
+        if config.database_pgbouncer:
+            # Transaction pooling hands a different server connection to each
+            # transaction: asyncpg's named prepared statements would be missing
+            # or clash there, and startup parameters other than
+            # application_name are refused (the timeouts are then the role's:
+            # see README, "Scaling out").
+            connect_args.update(
+                statement_cache_size=0,
+                prepared_statement_cache_size=0,
+                prepared_statement_name_func=unique_statement_name,
+                server_settings={"application_name": "taskflow"},
+            )
+        else:
+            # The server ends a statement that runs, or waits for a lock, for
+            # longer than these (a 503 for the request).
+            connect_args["server_settings"] = {
+                "application_name": "taskflow",
+                "statement_timeout": str(config.database_statement_timeout_ms),
+                "lock_timeout": str(config.database_lock_timeout_ms),
+            }
         return create_async_engine(
             url,
             json_serializer=_json_dumps,
@@ -117,19 +195,7 @@ def create_engine(config: Config) -> AsyncEngine:
             max_overflow=0,
             pool_timeout=pool_timeout,
             pool_recycle=1800,
-            connect_args={
-                "timeout": CONNECT_TIMEOUT_SECONDS,
-                # The server ends a statement that runs, or waits for a lock,
-                # for longer than these (a 503 for the request); the client
-                # gives up on a server that does not answer at all.
-                "server_settings": {
-                    "application_name": "taskflow",
-                    "statement_timeout": str(config.database_statement_timeout_ms),
-                    "lock_timeout": str(config.database_lock_timeout_ms),
-                },
-                "command_timeout": config.database_statement_timeout_ms / 1000
-                + CONNECT_TIMEOUT_SECONDS,
-            },
+            connect_args=connect_args,
         )
     engine = create_async_engine(
         url,
@@ -158,6 +224,10 @@ def create_engine(config: Config) -> AsyncEngine:
         connection.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
+
+
+def unique_statement_name() -> str:
+    return f"__asyncpg_{uuid.uuid4().hex}__"
 
 
 def backends() -> Backends:
@@ -237,6 +307,7 @@ def init_app(app: Quart, config: Config) -> None:
     @app.while_serving
     async def lifespan() -> AsyncGenerator[None, None]:
         backends_ = app.extensions[EXTENSION_KEY] = Backends.create(config)
+        await check_redis(backends_.redis)
         await backends_.broker.start()
         yield
         await app.extensions.pop(EXTENSION_KEY).close()

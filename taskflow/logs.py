@@ -46,7 +46,7 @@ def configure_logging(level: str) -> None:
     handler.setFormatter(JSONFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level)
+    root.setLevel(level.upper())
 
 
 async def assign_request_id() -> None:
