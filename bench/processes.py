@@ -73,7 +73,7 @@ async def serve(app: str, env: dict[str, str], workers: int) -> AsyncIterator[st
     """Hypercorn serving *app* as the Procfile does; yields its base URL once it answers."""
     port = free_port()
     async with process(
-        sys.executable, "-m", "hypercorn", "--config", "python:taskflow.hypercorn_config", app,
+        sys.executable, "-m", "hypercorn", "--config", "file:taskflow/hypercorn_config.py", app,
         "--bind", f"127.0.0.1:{port}", "--workers", str(workers),
         env={**os.environ, **env},
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,

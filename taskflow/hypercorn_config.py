@@ -1,6 +1,7 @@
 """hypercorn's settings for every way TaskFlow is served: the Procfile's
-``web:`` line (``hypercorn --config python:taskflow.hypercorn_config``),
-``taskflow run`` and the tests' live servers.
+``web:`` line (``hypercorn --config file:taskflow/hypercorn_config.py``, a
+file, since a buildpack installs the dependencies but not the project),
+``python -m taskflow run`` and the tests' live servers.
 
 Read by hypercorn as module attributes; ``PORT`` and ``WEB_CONCURRENCY`` come
 from the platform.
@@ -18,6 +19,13 @@ graceful_timeout = 20
 # The contract's 64 KiB: a larger WebSocket message is closed with 1009 by
 # hypercorn before it is buffered whole (its default is 16 MiB).
 websocket_max_message_size = 64 * 1024
+# A connection that sends nothing for this long is closed: a slow or idle
+# client cannot hold one forever (an idle keep-alive connection goes after
+# hypercorn's 5 s keep-alive timeout). A WebSocket client that only listens
+# keeps its socket by answering the pings sent at half that interval, as every
+# WebSocket client does by itself.
+read_timeout = int(os.environ.get("TASKFLOW_READ_TIMEOUT_SECONDS", "30"))
+websocket_ping_interval = read_timeout / 2
 # TaskFlow logs one JSON line per request; hypercorn's own access log is off
 # (its default), and responses do not name the server.
 accesslog = None
