@@ -7,7 +7,9 @@ returned a success, and rolls back otherwise. What must follow the commit
 
 GET and HEAD never write, so on PostgreSQL their statements run outside a
 transaction: under READ COMMITTED each statement sees its own snapshot either
-way, and the BEGIN and COMMIT round trips are saved.
+way, and the BEGIN and COMMIT round trips are saved (not through PgBouncer in
+transaction mode, which needs a transaction to keep a statement on one server
+connection).
 """
 
 from __future__ import annotations
@@ -72,9 +74,11 @@ class Backends:
             backoff_seconds=config.redis_backoff_ms / 1000,
         )
         broker: Broker = RedisBroker(redis) if redis.configured else InProcessBroker()
+        # Outside a transaction, PgBouncer in transaction mode may run a
+        # statement's prepare and its execution on two server connections.
         read_engine = (
             engine.execution_options(isolation_level="AUTOCOMMIT")
-            if engine.dialect.name == "postgresql"
+            if engine.dialect.name == "postgresql" and not config.database_pgbouncer
             else engine
         )
         return cls(
