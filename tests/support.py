@@ -224,6 +224,44 @@ async def private_redis(port: int) -> AsyncIterator[asyncio.subprocess.Process]:
             await process.wait()
 
 
+@asynccontextmanager
+async def private_tls_redis(
+    port: int, cert_file: Path, key_file: Path, *, password: str | None = None
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """A Redis of this test's own that speaks TLS only (no plain port), with
+    *cert_file* and *key_file* as its certificate and key, no client
+    certificate asked for, and *password* if given; yields once it accepts
+    connections."""
+    process = await asyncio.create_subprocess_exec(
+        "redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+        "--tls-cert-file", str(cert_file), "--tls-key-file", str(key_file),
+        "--tls-auth-clients", "no", "--save", "", "--appendonly", "no",
+        *(("--requirepass", password) if password else ()),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        for _ in range(100):
+            try:
+                _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            except OSError:
+                if process.returncode is not None:
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                writer.close()
+                await writer.wait_closed()
+                break
+        else:
+            raise RuntimeError("the private TLS Redis did not start")
+        if process.returncode is not None:
+            raise RuntimeError(f"the private TLS Redis exited with status {process.returncode}")
+        yield process
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
 # Users, projects and tasks, made through the API.
 
 PASSWORD = "correct horse battery staple"
