@@ -181,9 +181,11 @@ def client(url: str, **options: Any) -> httpx.AsyncClient:
     """An HTTP client of a live server, as the fault tests' loads use it."""
     return httpx.AsyncClient(
         base_url=url,
-        timeout=REQUEST_TIMEOUT_SECONDS,
-        limits=httpx.Limits(max_connections=100, max_keepalive_connections=100),
-        **options,
+        **{
+            "timeout": REQUEST_TIMEOUT_SECONDS,
+            "limits": httpx.Limits(max_connections=100, max_keepalive_connections=100),
+            **options,
+        },
     )
 
 

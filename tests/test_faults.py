@@ -1,7 +1,7 @@
 """Faults under a steady load, against real hypercorn processes: Redis refusing
-connections, frozen, partitioned or slow (two instances sharing it);
-PostgreSQL restarting, a table locked, the pool exhausted; a web worker
-killed; a SIGTERM mid-request.
+connections, frozen, partitioned (from both instances or from one) or slow,
+two instances sharing it; PostgreSQL restarting or partitioned, a table
+locked, the pool exhausted; a web worker killed; a SIGTERM mid-request.
 
 Each fault test runs a bounded load (``faults.Load``) through the fault and
 asserts what the contract's "When a dependency misbehaves" promises: no 5xx
@@ -25,6 +25,7 @@ from typing import Any
 import httpx
 import pytest
 import redis.asyncio as aioredis
+from sqlalchemy.engine import make_url
 
 from taskflow.broker import CHANNEL
 from taskflow.config import Config
@@ -104,18 +105,30 @@ POOL_WAIT_MAX_SECONDS = POOL_TIMEOUT_SECONDS + LOCK_TIMEOUT_SECONDS + 0.75
 # PostgreSQL down: a request fails at connecting (refused at once) or in the
 # middle of a statement; "within a few seconds, never hang".
 DATABASE_DOWN_MAX_SECONDS = 5.0
+# PostgreSQL silent (a partition, a frozen host): "within a few seconds, never
+# hang". What the product's own settings let a request wait for the database
+# is the statement timeout; 1 s more for the client side to give up.
+DATABASE_SILENT_MAX_SECONDS = STATEMENT_TIMEOUT_SECONDS + 1.0
+# Longer than that bound, so that a request waiting for a silent database
+# cannot pass by being answered when the silence ends.
+SILENCE_SECONDS = DATABASE_SILENT_MAX_SECONDS + 2.0
 # After a database fault ends: the pool's broken connections are replaced
 # on their next use.
 DATABASE_RECOVERY_SECONDS = 10.0
+# After a lock is released the requests waiting for it go through at once:
+# nothing to reconnect.
+LOCK_RECOVERY_SECONDS = 1.0
 
 CLUSTER = next(iter(os.listdir("/etc/postgresql")), "") if Path("/etc/postgresql").exists() else ""
 
 
 # Redis misbehaving: two instances share a private Redis.
 
-# How each Redis fault begins and ends; the proxied ones reach Redis through
-# faults.Proxy.
-PROXIED = {"partitioned", "slow"}
+# How each Redis fault begins and ends. "partitioned" and "slow" put a proxy
+# (faults.Proxy) between both instances and Redis; "A partitioned" puts one
+# between instance A and Redis only (a partition of one host), B reaching it
+# directly.
+PROXIED = {"partitioned", "slow", "A partitioned"}
 
 
 class RedisFault:
@@ -126,14 +139,16 @@ class RedisFault:
         self.server: asyncio.subprocess.Process | None = None
         self.proxy: Any = None
 
-    async def start(self) -> str:
-        """Start Redis (and the proxy); return the URL the servers use."""
+    async def start(self) -> tuple[str, str]:
+        """Start Redis (and the proxy); return the URLs instances A and B use."""
         self.server = await self.stack.enter_async_context(private_redis(self.port))
         await redis_answering(self.port)
-        if self.kind in PROXIED:
-            self.proxy = await self.stack.enter_async_context(proxy_to(self.port))
-            return f"redis://127.0.0.1:{self.proxy.port}/0"
-        return f"redis://127.0.0.1:{self.port}/0"
+        direct = f"redis://127.0.0.1:{self.port}/0"
+        if self.kind not in PROXIED:
+            return direct, direct
+        self.proxy = await self.stack.enter_async_context(proxy_to(self.port))
+        proxied = f"redis://127.0.0.1:{self.proxy.port}/0"
+        return proxied, direct if self.kind == "A partitioned" else proxied
 
     async def begin(self) -> None:
         assert self.server is not None
@@ -142,10 +157,10 @@ class RedisFault:
             await self.server.wait()
         elif self.kind == "frozen":
             self.server.send_signal(signal.SIGSTOP)
-        elif self.kind == "partitioned":
-            self.proxy.silence()
-        else:
+        elif self.kind == "slow":
             self.proxy.delay(1.0)  # each way: a round trip of 2 s
+        else:
+            self.proxy.silence()
 
     async def end(self) -> None:
         assert self.server is not None
@@ -181,40 +196,46 @@ async def subscribers(port: int) -> int:
         await admin.aclose()
 
 
-@pytest.mark.parametrize("kind", ["refused", "frozen", "partitioned", "slow"])
+@pytest.mark.parametrize("kind", ["refused", "frozen", "partitioned", "slow", "A partitioned"])
 async def test_redis_fault_is_not_an_outage(
     kind: str, environ: dict[str, str], database_url: str
 ) -> None:
     """Redis killed (connections refused), frozen (SIGSTOP), partitioned (a
-    proxy that accepts and never answers) or slow (a proxy forwarding 1 s
-    late), for 5 s under a load on two instances: every request is served in
-    its usual time plus at most one Redis deadline; the live feed keeps going
-    from the event log; afterwards limits are shared and events travel
-    through Redis again, with no restart."""
+    proxy that accepts and never answers), slow (a proxy forwarding 1 s late)
+    or partitioned from instance A only, for 5 s under a load on two
+    instances: every request is served in its usual time plus at most one
+    Redis deadline; the live feed of a project written through A keeps
+    reaching a socket on B (from the event log); afterwards limits are shared
+    and events travel through Redis again, with no restart."""
     async with contextlib.AsyncExitStack() as stack:
         fault = RedisFault(kind, free_port(), stack)
-        shared = {
+        redis_a, redis_b = await fault.start()
+        settings = {
             **environ,
             **DEPENDENCY_SETTINGS,
-            "REDIS_URL": await fault.start(),
             # Low enough that the instances' shared buckets show in
             # RateLimit-Remaining, high enough for the load.
             "TASKFLOW_RATE_LIMIT_PER_MINUTE": "600",
         }
-        url_a = await stack.enter_async_context(live_server(shared))
-        url_b = await stack.enter_async_context(live_server(shared))
+        url_a = await stack.enter_async_context(live_server({**settings, "REDIS_URL": redis_a}))
+        url_b = await stack.enter_async_context(live_server({**settings, "REDIS_URL": redis_b}))
         http_a = await stack.enter_async_context(client(url_a))
         http_b = await stack.enter_async_context(client(url_b))
         alice, bob = await register_user(http_a), await register_user(http_b)
-        project = await new_project(http_a, alice, bob)
-        watcher = await stack.enter_async_context(Watcher(url_b, bob, project))
+        # The watched project is written through A only, so that B learns of
+        # its events from Redis or the log, never from a write of its own.
+        watched = await new_project(http_a, alice, bob)
+        other = await new_project(http_b, bob)
+        watcher = await stack.enter_async_context(Watcher(url_b, bob, watched))
+        write_through_a, *reads_through_a = task_routes(http_a, alice, watched, "A")
         routes = [
-            *task_routes(http_a, alice, project, "A"),
-            *task_routes(http_b, bob, project, "B"),
+            write_through_a,
+            *reads_through_a,
+            get_route(http_b, f"/projects/{watched}/tasks?limit=5", bob),
+            *task_routes(http_b, bob, other, "B"),
             get_route(http_a, "/auth/me", alice),
             get_route(http_b, "/auth/me", bob),
         ]
-        write_through_a = routes[0]
 
         async def shared_again() -> bool:
             return (
@@ -238,8 +259,11 @@ async def test_redis_fault_is_not_an_outage(
             await fault.end()
             recovered_after = await recovery(shared_again, ended, REDIS_RECOVERY_SECONDS)
             await asyncio.sleep(0.5)
-        missing_events = await watcher.wait_for(load.created, EVENT_FALLBACK_SECONDS)
-        writes = await audit(database_url, [project], load.created)
+        watched_tasks = [
+            s.created for s in load.samples if s.route == write_through_a.name and s.created
+        ]
+        missing_events = await watcher.wait_for(watched_tasks, EVENT_FALLBACK_SECONDS)
+        writes = await audit(database_url, [watched, other], load.created)
 
     during = load.during(began, ended)
     usual = [sample for sample in load.samples if sample.ended < began]
@@ -266,7 +290,12 @@ async def test_redis_fault_is_not_an_outage(
     assert not shared_during_fault
     # Nothing lost: every 201 is a task with its event, each seen live on B.
     assert writes == Audit(lost=0, unacknowledged=0), writes
-    assert not missing_events, f"{len(missing_events)} events never reached the socket"
+    assert not missing_events, [
+        f"{s.route} started {s.started - began:+.2f} s from the fault's start "
+        f"(ended at {ended - began:.2f} s), answered {s.seconds:.3f} s later: no event on B"
+        for s in load.samples
+        if s.created in missing_events
+    ]
     assert max(delays, default=0) < EVENT_FALLBACK_SECONDS, figures
     assert watcher.close_code is None
     # Back by itself: limits shared again, events through Redis again.
@@ -428,7 +457,7 @@ async def test_a_locked_table_is_503_for_its_routes_only(
                 await asyncio.sleep(6)
                 released = time.monotonic()  # the lock goes with the rollback, next
             recovered_after = await recovery(
-                served(task_load, tasks), released, DATABASE_RECOVERY_SECONDS
+                served(task_load, tasks), released, LOCK_RECOVERY_SECONDS
             )
             await asyncio.sleep(0.5)
         writes = await audit(database_url, [project], task_load.created)
@@ -501,7 +530,7 @@ async def test_an_exhausted_pool_is_503_never_a_hang(
                 await asyncio.sleep(5)
                 released = time.monotonic()  # the lock goes with the rollback, next
             recovered_after = await recovery(
-                served(task_load, tasks), released, DATABASE_RECOVERY_SECONDS
+                served(task_load, tasks), released, LOCK_RECOVERY_SECONDS
             )
             await asyncio.sleep(0.5)
         writes = await audit(database_url, [project], task_load.created)
@@ -527,6 +556,66 @@ async def test_an_exhausted_pool_is_503_never_a_hang(
     assert writes == Audit(lost=0, unacknowledged=0), writes
 
 
+@postgres_only
+async def test_postgres_partitioned_is_503_within_seconds(
+    environ: dict[str, str], database_url: str
+) -> None:
+    """PostgreSQL silent for 8 s (reached through a proxy that holds every
+    byte, as a partition or a frozen host would): requests that need it
+    answer 503 with Retry-After and never hang, /healthz keeps answering,
+    and all is 2xx again by itself once PostgreSQL answers."""
+    direct = make_url(database_url)
+    async with contextlib.AsyncExitStack() as stack:
+        proxy = await stack.enter_async_context(proxy_to(direct.port or 5432))
+        through_proxy = direct.set(port=proxy.port).render_as_string(hide_password=False)
+        settings = {**environ, **DEPENDENCY_SETTINGS, "DATABASE_URL": through_proxy}
+        url = await stack.enter_async_context(live_server(settings))
+        http = await stack.enter_async_context(client(url, timeout=30))
+        writer = await register_user(http)
+        project = await new_project(http, writer)
+        tasks = task_routes(http, writer, project, "silent")
+        # More clients than pooled connections: some hold one, others wait for one.
+        task_load = Load(tasks, clients=12, pause=0.05, seconds=25, limit=1500)
+        health_load = Load([get_route(http, "/healthz")], clients=1, pause=0.05, seconds=25)
+        async with task_load, health_load:
+            await asyncio.sleep(1.5)
+            silenced = time.monotonic()
+            proxy.silence()
+            await asyncio.sleep(SILENCE_SECONDS)
+            restored = time.monotonic()
+            proxy.forward()
+            recovered_after = await recovery(
+                served(task_load, tasks), restored, DATABASE_RECOVERY_SECONDS
+            )
+            await asyncio.sleep(0.5)
+        writes = await audit(database_url, [project], task_load.created)
+
+    health = health_load.during(silenced, restored)
+    health_p99 = percentile([sample.seconds for sample in health], 0.99)
+    figures = report_fault(
+        "postgres partitioned",
+        task_load.during(silenced, restored),
+        lost=writes.lost,
+        recovered_after=recovered_after,
+        note=f"silent {SILENCE_SECONDS:.0f} s, 12 clients, pool of 10; "
+        f"/healthz p99 {health_p99 * 1000:.0f} ms; {writes.note()}",
+    )
+    samples = task_load.samples + health_load.samples
+    assert not unexpected(samples), unexpected(samples)
+    assert set(figures.errors_by_status) <= {503}, figures
+    assert figures.transport_errors == 0, figures
+    assert figures.max < DATABASE_SILENT_MAX_SECONDS, figures
+    assert health and all(sample.status == 200 for sample in health)
+    assert health_p99 < USUAL_P99_SECONDS, health_p99
+    assert recovered_after is not None, "not served again after the partition"
+    assert all(sample.ok for sample in task_load.after(restored + recovered_after))
+    # A commit sent before the partition may land after it: complete, though
+    # its request answered 503.
+    assert writes.lost == 0, writes
+    timed_out_writes = [s for s in samples if s.route.startswith("POST") and s.status == 503]
+    assert writes.unacknowledged <= len(timed_out_writes), writes
+
+
 # A web worker dying.
 
 # hypercorn's master, told that a worker died, stops the others gracefully
@@ -542,10 +631,11 @@ async def test_a_killed_worker_leaves_no_partial_write_and_the_master_exits(
     every 201 is a task with its event and every task written has its event.
 
     hypercorn 0.18 does not respawn a dead worker: its master (``run`` in
-    hypercorn/run.py) treats the death as the end, stops the other worker
-    gracefully and exits - with status 0, as the exit code it returns is the
-    survivor's, not the dead worker's. The instance then refuses connections
-    until the platform starts it again."""
+    hypercorn/run.py) takes a worker's non-zero exit for the end, sends the
+    others SIGTERM (they finish what they hold) and exits - with status 0, as
+    the code it returns is worked out again from the survivors, not the dead
+    worker. The instance then refuses connections until something starts it
+    again (a platform that restarts only failed processes would not)."""
     async with hypercorn({**environ, **DEPENDENCY_SETTINGS}, workers=2) as (url, master):
         async with client(url) as http:
             writers = [await register_user(http) for _ in range(2)]
