@@ -21,6 +21,7 @@ import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 import redis.asyncio as aioredis
@@ -121,31 +122,53 @@ def create_redis(url: str, config: Config) -> aioredis.Redis:
     )
 
 
-async def check_redis(gate: RedisGate) -> None:
+async def check_redis(gate: RedisGate, url: str | None) -> None:
     """At start-up: a configured Redis that can never work (its certificate
     refused, a TLS handshake with a server that speaks none, a wrong password)
     is a configuration error, not the degraded mode of a Redis that is down."""
     client = gate.client
-    if client is None:
+    if client is None or url is None:
         return
     try:
         async with asyncio.timeout(STARTUP_CHECK_SECONDS):
             await client.ping()
     except Exception as error:
+        problem = None
         if isinstance(error, AuthenticationError):
-            raise ConfigError(
-                "REDIS_URL: Redis refused the credentials (wrong or missing password)."
-            ) from None
-        if any(isinstance(cause, ssl.SSLError) for cause in causes(error)):
-            raise ConfigError(
-                f"REDIS_URL: the TLS connection to Redis failed ({error}). For a server "
-                "with a self-signed certificate, set TASKFLOW_REDIS_TLS_CA_FILE to its CA "
-                "bundle, or TASKFLOW_REDIS_TLS_VERIFY=false where the platform asks for it."
-            ) from None
+            problem = "Redis refused the credentials (wrong or missing password)."
+        elif any(isinstance(cause, ssl.SSLError) for cause in causes(error)):
+            problem = (
+                f"the TLS connection to Redis failed ({error}). For a server with a "
+                "self-signed certificate, set TASKFLOW_REDIS_TLS_CA_FILE to its CA bundle, "
+                "or TASKFLOW_REDIS_TLS_VERIFY=false where the platform asks for it."
+            )
+        elif url.startswith("rediss://") and await speaks_plain_redis(url):
+            problem = "rediss:// (TLS), but the server there speaks Redis without TLS."
+        if problem is not None:
+            log.critical("configuration error: REDIS_URL: %s", problem)
+            raise ConfigError(f"REDIS_URL: {problem}") from None
         log.warning(
             "Redis does not answer at start-up (%s): serving without it until it does",
             type(error).__name__,
         )
+
+
+async def speaks_plain_redis(url: str) -> bool:
+    """Whether the server of a ``rediss://`` URL that did not finish a TLS
+    handshake answers a plain PING (it would wait for the handshake forever)."""
+    address = urlsplit(url)
+    try:
+        async with asyncio.timeout(STARTUP_CHECK_SECONDS):
+            reader, writer = await asyncio.open_connection(address.hostname, address.port or 6379)
+            try:
+                writer.write(b"PING\r\n")
+                await writer.drain()
+                reply = await reader.read(1)
+            finally:
+                writer.close()
+    except (OSError, TimeoutError):
+        return False
+    return reply in (b"+", b"-")  # +PONG, or -NOAUTH from a server with a password
 
 
 def causes(error: BaseException) -> Iterator[BaseException]:
@@ -311,7 +334,7 @@ def init_app(app: Quart, config: Config) -> None:
     @app.while_serving
     async def lifespan() -> AsyncGenerator[None, None]:
         backends_ = app.extensions[EXTENSION_KEY] = Backends.create(config)
-        await check_redis(backends_.redis)
+        await check_redis(backends_.redis, config.redis_url)
         await backends_.broker.start()
         yield
         await app.extensions.pop(EXTENSION_KEY).close()

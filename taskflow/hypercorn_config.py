@@ -1,7 +1,9 @@
 """hypercorn's settings for every way TaskFlow is served: the Procfile's
-``web:`` line (``hypercorn --config file:taskflow/hypercorn_config.py``, a
-file, since a buildpack installs the dependencies but not the project),
-``python -m taskflow run`` and the tests' live servers.
+``web:`` line (``python -m taskflow serve``: hypercorn's workers under
+TaskFlow's master, ``supervisor.py``), ``python -m taskflow run``, the tests'
+live servers and the benchmark (``hypercorn --config
+file:taskflow/hypercorn_config.py``: read as a file, since a buildpack
+installs the dependencies but not the project).
 
 Read by hypercorn as module attributes; ``PORT`` and ``WEB_CONCURRENCY`` come
 from the platform.

@@ -158,9 +158,10 @@ async def hypercorn(
     *,
     empty_database: bool = True,
 ) -> AsyncIterator[tuple[str, asyncio.subprocess.Process]]:
-    """A real hypercorn serving ``wsgi:app`` the way the Procfile does (its
-    settings file, this test's bind, workers and graceful timeout), in a
-    process group of its own (signal it as a platform would, with killpg);
+    """A real web process started as the Procfile's ``web:`` line starts it
+    (``python -m taskflow serve``: hypercorn's workers, from its settings file,
+    under TaskFlow's master), with this test's bind, workers and graceful
+    timeout, in a process group of its own (signal it as a platform would, with killpg);
     yields its URL and process once it answers. Once it has stopped, the
     tables of its database are emptied and the test Redis database flushed,
     so that no test sees the rows or keys another one left (not the tables
@@ -168,9 +169,7 @@ async def hypercorn(
     server_environ = {**os.environ, **environ}
     port = free_port()
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "hypercorn", "--config", "python:taskflow.hypercorn_config",
-        "wsgi:app", "--bind", f"127.0.0.1:{port}", "--workers", str(workers),
-        "--graceful-timeout", str(graceful_timeout),
+        *web_command(f"127.0.0.1:{port}", workers, graceful_timeout),
         env=server_environ,
         cwd=PROJECT_ROOT,
         start_new_session=True,
@@ -198,6 +197,14 @@ async def hypercorn(
             if empty_database:
                 await empty_database_of(server_environ)
             await flush_redis()
+
+
+def web_command(bind: str, workers: int = 1, graceful_timeout: float = 5) -> list[str]:
+    """The Procfile's ``web:`` command, bound where a test wants it."""
+    return [
+        sys.executable, "-m", "taskflow", "serve", "--bind", bind, "--workers", str(workers),
+        "--graceful-timeout", str(graceful_timeout),
+    ]  # fmt: skip
 
 
 @asynccontextmanager
