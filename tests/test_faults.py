@@ -38,6 +38,7 @@ from .faults import (
     Watcher,
     audit,
     client,
+    connections_served,
     get_route,
     hypercorn_workers,
     percentile,
@@ -618,25 +619,28 @@ async def test_postgres_partitioned_is_503_within_seconds(
 
 # A web worker dying.
 
-# hypercorn's master, told that a worker died, stops the others gracefully
-# (the helper's graceful timeout: 5 s) and exits; 2 s of slack.
-WORKER_DEATH_EXIT_SECONDS = 5 + 2.0
+# The master starts a replacement for a killed worker at once, which serves
+# once it has imported the app: about a second here; 2 s of slack.
+WORKER_REPLACED_SECONDS = 3.0
+# Meanwhile one worker carries the load alone, the new one importing the app
+# beside it on the same CPUs: a p99 of 0.25-0.5 s measured here.
+WORKER_FAULT_P99_SECONDS = 1.0
 
 
-async def test_a_killed_worker_leaves_no_partial_write_and_the_master_exits(
+async def test_a_killed_worker_is_replaced_and_leaves_no_partial_write(
     environ: dict[str, str], database_url: str
 ) -> None:
-    """One of two hypercorn workers SIGKILLed while writes are in flight: the
-    requests it held fail at the transport level, none answers a 5xx but 503,
-    every 201 is a task with its event and every task written has its event.
+    """One of two web workers SIGKILLed while writes are in flight (as the
+    OOM killer would): the requests it held fail at the transport level, one
+    per connection it had; none answers a 5xx but 503; every 201 is a task
+    with its event and every task written has its event; the other worker
+    keeps serving, and the master (taskflow/supervisor.py) starts a new one,
+    which soon serves connections of its own.
 
-    hypercorn 0.18 does not respawn a dead worker: its master (``run`` in
-    hypercorn/run.py) takes a worker's non-zero exit for the end, sends the
-    others SIGTERM (they finish what they hold) and exits - with status 0, as
-    the code it returns is worked out again from the survivors, not the dead
-    worker. The instance then refuses connections until something starts it
-    again (a platform that restarts only failed processes would not)."""
+    hypercorn's own master (0.18) would instead stop every worker and exit 0
+    (``run`` in hypercorn/run.py): this is what TaskFlow's master is for."""
     async with hypercorn({**environ, **DEPENDENCY_SETTINGS}, workers=2) as (url, master):
+        port = int(url.rsplit(":", 1)[1])
         async with client(url) as http:
             writers = [await register_user(http) for _ in range(2)]
             project = await new_project(http, *writers)
@@ -645,39 +649,51 @@ async def test_a_killed_worker_leaves_no_partial_write_and_the_master_exits(
             ]
             async with Load(routes, clients=6, pause=0.01, seconds=15, limit=3000) as load:
                 await asyncio.sleep(1.5)
-                workers = hypercorn_workers(master.pid)
+                victim, survivor = hypercorn_workers(master.pid)
                 killed = time.monotonic()
-                os.kill(workers[0], signal.SIGKILL)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(master.wait(), WORKER_DEATH_EXIT_SECONDS)
-                exited = time.monotonic()
-                await asyncio.sleep(0.5)
+                os.kill(victim, signal.SIGKILL)
+
+                async def replacement_serves() -> bool:
+                    """Whether a new worker holds connections of fresh clients."""
+                    new = set(hypercorn_workers(master.pid)) - {victim, survivor}
+                    async with client(url) as fresh:
+                        answers = await asyncio.gather(*(fresh.get("/healthz") for _ in range(8)))
+                        assert all(answer.status_code == 200 for answer in answers)
+                        return any(connections_served(pid, port) for pid in new)
+
+                recovered_after = await recovery(
+                    replacement_serves, killed, WORKER_REPLACED_SECONDS
+                )
+                await asyncio.sleep(1)
             writes = await audit(database_url, [project], load.created)
+            master_running = master.returncode is None
 
     in_flight = [s for s in load.samples if s.started < killed < s.ended]
-    refused = [s for s in load.after(exited) if s.status is None]
+    failed = [s for s in load.samples if s.status is None]
     figures = report_fault(
         "web worker SIGKILLed",
-        load.during(killed, exited),
+        load.during(killed, killed + (recovered_after or WORKER_REPLACED_SECONDS)),
         lost=writes.lost,
-        recovered_after=None,
+        recovered_after=recovered_after,
         note=(
-            f"{len(workers)} workers; no respawn: master exited "
-            f"{exited - killed:.2f} s later with status {master.returncode}; "
-            f"{sum(s.status is None for s in in_flight)} of {len(in_flight)} in flight failed; "
-            f"{len(refused)} refused after; {writes.note()}"
+            f"2 workers, 6 clients; {sum(s.status is None for s in in_flight)} of "
+            f"{len(in_flight)} in flight failed; recovered: a new worker serving; "
+            f"{writes.note()}"
         ),
     )
-    assert len(workers) == 2
     assert not unexpected(load.samples), unexpected(load.samples)
     assert {s.status for s in load.samples} <= {201, 503, None}, figures
+    # Only the dead worker's connections failed, each once; the other served on.
+    assert len(failed) <= load.clients, failed
+    assert figures.p99 < WORKER_FAULT_P99_SECONDS, figures
+    assert all(sample.ok for sample in load.after(killed + 0.5))
+    # Replaced, with no restart of the instance.
+    assert recovered_after is not None, "no new worker serves"
+    assert master_running
     # Nothing half-written; a task written but not acknowledged (its
     # response died with the worker) is complete too.
     assert writes.lost == 0, writes
-    assert writes.unacknowledged <= sum(s.status is None for s in load.samples)
-    # No respawn: the master exits on its own, and the port refuses.
-    assert master.returncode is not None, "the master neither respawned nor exited"
-    assert refused and len(refused) == len(load.after(exited))
+    assert writes.unacknowledged <= len(failed), writes
 
 
 # A platform stopping the instance.
