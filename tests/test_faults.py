@@ -174,6 +174,23 @@ class RedisFault:
             self.proxy.forward()
 
 
+async def side_by_side(stack: contextlib.AsyncExitStack, *environs: dict[str, str]) -> list[str]:
+    """Live instances, one per environment, started at once (each takes a
+    couple of seconds); their URLs. Stopped with a graceful timeout of 1 s:
+    these tests are not about stopping, and a server that has had a
+    WebSocket open waits out the whole graceful timeout when it stops."""
+    started = await asyncio.gather(
+        *(stack.enter_async_context(hypercorn(env, graceful_timeout=1)) for env in environs),
+        return_exceptions=True,
+    )
+    urls = []
+    for result in started:
+        if isinstance(result, BaseException):
+            raise result
+        urls.append(result[0])
+    return urls
+
+
 async def redis_answering(port: int) -> None:
     admin = aioredis.Redis(port=port)
     try:
@@ -218,8 +235,9 @@ async def test_redis_fault_is_not_an_outage(
             # RateLimit-Remaining, high enough for the load.
             "TASKFLOW_RATE_LIMIT_PER_MINUTE": "600",
         }
-        url_a = await stack.enter_async_context(live_server({**settings, "REDIS_URL": redis_a}))
-        url_b = await stack.enter_async_context(live_server({**settings, "REDIS_URL": redis_b}))
+        url_a, url_b = await side_by_side(
+            stack, {**settings, "REDIS_URL": redis_a}, {**settings, "REDIS_URL": redis_b}
+        )
         http_a = await stack.enter_async_context(client(url_a))
         http_b = await stack.enter_async_context(client(url_b))
         alice, bob = await register_user(http_a), await register_user(http_b)
