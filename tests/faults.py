@@ -506,7 +506,7 @@ class Proxy:
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._flowing = asyncio.Event()
         self._server: asyncio.Server | None = None
-        self._pipes: set[asyncio.Task[None]] = set()
+        self._connections: set[asyncio.Task[Any]] = set()
 
     def start(self) -> None:
         self._thread.start()
@@ -542,32 +542,35 @@ class Proxy:
     async def _shut(self) -> None:
         assert self._server is not None
         self._server.close()
-        for pipe in list(self._pipes):
-            pipe.cancel()
-        await asyncio.gather(*self._pipes, return_exceptions=True)
+        for connection in self._connections:
+            connection.cancel()
+        await asyncio.gather(*self._connections, return_exceptions=True)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connection = asyncio.current_task()
+        assert connection is not None
+        self._connections.add(connection)
         try:
-            upstream_reader, upstream_writer = await asyncio.open_connection(
-                "127.0.0.1", self.target
-            )
-        except OSError:
-            writer.close()
-            return
-        pipes = {
-            asyncio.create_task(self._pipe(reader, upstream_writer)),
-            asyncio.create_task(self._pipe(upstream_reader, writer)),
-        }
-        self._pipes |= pipes
-        try:
-            await asyncio.wait(pipes, return_when=asyncio.FIRST_COMPLETED)
+            try:
+                upstream_reader, upstream_writer = await asyncio.open_connection(
+                    "127.0.0.1", self.target
+                )
+            except OSError:
+                return
+            pipes = {
+                asyncio.create_task(self._pipe(reader, upstream_writer)),
+                asyncio.create_task(self._pipe(upstream_reader, writer)),
+            }
+            try:
+                await asyncio.wait(pipes, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for pipe in pipes:
+                    pipe.cancel()
+                await asyncio.gather(*pipes, return_exceptions=True)
+                upstream_writer.close()
         finally:
-            for pipe in pipes:
-                pipe.cancel()
-            await asyncio.gather(*pipes, return_exceptions=True)
-            self._pipes -= pipes
-            for end in (writer, upstream_writer):
-                end.close()
+            writer.close()
+            self._connections.discard(connection)
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Copy *reader* to *writer* in order, each chunk held while the proxy

@@ -20,7 +20,6 @@ import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -34,6 +33,7 @@ from taskflow.streams import POLL_SECONDS
 from .faults import (
     Audit,
     Load,
+    Proxy,
     Route,
     Watcher,
     audit,
@@ -138,7 +138,7 @@ class RedisFault:
     def __init__(self, kind: str, port: int, stack: contextlib.AsyncExitStack) -> None:
         self.kind, self.port, self.stack = kind, port, stack
         self.server: asyncio.subprocess.Process | None = None
-        self.proxy: Any = None
+        self.proxy: Proxy | None = None
 
     async def start(self) -> tuple[str, str]:
         """Start Redis (and the proxy); return the URLs instances A and B use."""
@@ -159,8 +159,10 @@ class RedisFault:
         elif self.kind == "frozen":
             self.server.send_signal(signal.SIGSTOP)
         elif self.kind == "slow":
+            assert self.proxy is not None
             self.proxy.delay(1.0)  # each way: a round trip of 2 s
         else:
+            assert self.proxy is not None
             self.proxy.silence()
 
     async def end(self) -> None:
@@ -171,6 +173,7 @@ class RedisFault:
         elif self.kind == "frozen":
             self.server.send_signal(signal.SIGCONT)
         else:
+            assert self.proxy is not None
             self.proxy.forward()
 
 
@@ -641,8 +644,9 @@ async def test_postgres_partitioned_is_503_within_seconds(
 # once it has imported the app: about a second here; 2 s of slack.
 WORKER_REPLACED_SECONDS = 3.0
 # Meanwhile one worker carries the load alone, the new one importing the app
-# beside it on the same CPUs: a p99 of 0.25-0.5 s measured here.
-WORKER_FAULT_P99_SECONDS = 1.0
+# beside it on the same CPUs (about a CPU-second): a p99 of 0.1-1.2 s
+# measured on a 2-CPU runner, SQLite's single writer the slowest.
+WORKER_FAULT_P99_SECONDS = 2.0
 
 
 async def test_a_killed_worker_is_replaced_and_leaves_no_partial_write(
