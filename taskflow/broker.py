@@ -64,6 +64,11 @@ class Broker:
         """Whether messages published elsewhere reach this process right now."""
         return True
 
+    @property
+    def crosses_processes(self) -> bool:
+        """Whether messages travel between processes (and so can be lost on the way)."""
+        return False
+
     async def start(self) -> None:
         return None
 
@@ -96,6 +101,10 @@ class RedisBroker(Broker):
         # Not while the gate leaves Redis alone: what this process publishes
         # meanwhile does not reach Redis, so its streams read the log.
         return self.subscribed.is_set() and self._redis.healthy
+
+    @property
+    def crosses_processes(self) -> bool:
+        return True
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._receive_forever(), name="redis-broker")

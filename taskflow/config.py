@@ -73,7 +73,7 @@ class Config:
         "TASKFLOW_DATABASE_LOCK_TIMEOUT_MS", 1000, minimum=50, maximum=60_000
     )
     database_statement_timeout_ms: int = setting(
-        "TASKFLOW_DATABASE_STATEMENT_TIMEOUT_MS", 5000, minimum=100, maximum=600_000
+        "TASKFLOW_DATABASE_STATEMENT_TIMEOUT_MS", 3000, minimum=100, maximum=600_000
     )
     # The release phase's migrations: how long each waits for a lock before it
     # gives up and tries again (shorter than the lock timeout above, so that

@@ -50,6 +50,7 @@ AnySelect = Select[*tuple[Any, ...]]
 AnyRow = Row[*tuple[Any, ...]]
 
 CONNECT_TIMEOUT_SECONDS = 5.0
+UNANSWERED_MARGIN_SECONDS = 1.0
 # How long the start-up check waits for Redis (a Redis that is merely down is
 # not a reason to stay down).
 STARTUP_CHECK_SECONDS = 5.0
@@ -185,9 +186,10 @@ def create_engine(config: Config) -> AsyncEngine:
     if url.get_backend_name() != "sqlite":
         connect_args: dict[str, Any] = {
             "timeout": CONNECT_TIMEOUT_SECONDS,
-            # The client gives up on a server that does not answer at all.
+            # The client gives up on a server that does not answer at all (a
+            # moment after the server would have ended the statement itself).
             "command_timeout": config.database_statement_timeout_ms / 1000
-            + CONNECT_TIMEOUT_SECONDS,
+            + UNANSWERED_MARGIN_SECONDS,
         }
         if config.database_pgbouncer:
             # Transaction pooling hands a different server connection to each

@@ -20,6 +20,7 @@ and, on ``RedisUnavailable``, their fallback. The same exception stands for
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -90,6 +91,11 @@ class RedisGate:
                     deadline.cancel()
         except (RedisError, OSError, TimeoutError) as error:
             self._failed(error)
+            # The pool's idle connections are likely as broken as this one (a
+            # Redis restarted, a failover): dropped, so that the probe after
+            # the back-off connects afresh rather than find the next one.
+            with contextlib.suppress(RedisError, OSError, TimeoutError):
+                await client.connection_pool.disconnect(inuse_connections=False)
             raise RedisUnavailable from error
         self._answered()
         return result

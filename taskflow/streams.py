@@ -5,7 +5,10 @@ stream turns the broker's messages into the project's events in log order
 with no gap: every message names the event before it (``prev_id``), and a
 stream that finds one missing (still on its way from another instance, or
 lost while Redis was away) reads the gap from the event log. While the broker
-is disconnected, streams poll the log instead.
+is disconnected, streams poll the log instead; while it is connected, the hub
+still compares each stream's position with the log's once a second, so
+that an event whose publisher could not reach Redis (a partition of that
+instance only) arrives anyway.
 
 A ``Subscription`` is one socket's interest in one project: until the socket
 has caught up with the stream from the log, then live.
@@ -16,18 +19,29 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Protocol
 
 import orjson
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from .broker import Broker
-from .data.events import Envelope, EventKind, Published, events_after, latest_event_id
+from .data.events import (
+    Envelope,
+    EventKind,
+    Published,
+    events_after,
+    latest_event_id,
+    latest_event_ids,
+)
 
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.5
+# How often, while the broker is connected, the hub compares each stream with
+# the log (an event committed a look ago and not brought by then was lost: its
+# publisher could not reach Redis).
+LOG_LOOK_SECONDS = 1.0
 
 
 def frame_of(message: object) -> str:
@@ -52,6 +66,8 @@ class EventLog(Protocol):
 
     async def latest_id(self, project_id: uuid.UUID) -> int: ...
 
+    async def latest_ids(self, project_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, int]: ...
+
 
 class DatabaseLog:
     """The event log in the database, each read in a short session of its own."""
@@ -67,6 +83,10 @@ class DatabaseLog:
     async def latest_id(self, project_id: uuid.UUID) -> int:
         async with self._sessionmaker() as db_session:
             return await latest_event_id(db_session, project_id)
+
+    async def latest_ids(self, project_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, int]:
+        async with self._sessionmaker() as db_session:
+            return await latest_event_ids(db_session, project_ids)
 
 
 class Subscription:
@@ -212,6 +232,8 @@ class Hub:
         self.sockets: set[Socket] = set()
         self._joining = asyncio.Lock()
         self._watcher: asyncio.Task[None] | None = None
+        # The streams that were behind the log at the last look, and how far.
+        self._behind: dict[uuid.UUID, int] = {}
 
     async def start(self) -> None:
         self.broker.subscribe(self.receive)
@@ -263,15 +285,42 @@ class Hub:
             stream.receive(message)
 
     async def _watch_broker(self) -> None:
-        """Read the log while the broker is away, and once more when it is back."""
+        """Read the log while the broker is away, and once more when it is back;
+        and while it is connected, when it has not brought an event that the
+        log has had for a look (one published by a process cut off from
+        Redis while this one still reaches it)."""
         was_connected = True
+        loop = asyncio.get_running_loop()
+        next_look = loop.time()
         while True:
             await asyncio.sleep(POLL_SECONDS)
             connected = self.broker.connected
             if not connected or not was_connected:
-                for stream in tuple(self.streams.values()):
-                    stream.catch_up()
+                self._catch_up_all()
+            elif self.broker.crosses_processes and self.streams and loop.time() >= next_look:
+                next_look = loop.time() + LOG_LOOK_SECONDS
+                try:
+                    await self._look_for_lost_messages()
+                except Exception:  # a database hiccup: look again next time
+                    log.exception("could not read the event log's latest id")
             was_connected = connected
+
+    async def _look_for_lost_messages(self) -> None:
+        for project_id, latest in self._behind.items():
+            stream = self.streams.get(project_id)
+            if stream is not None and stream.last_id < latest:
+                # Committed a look ago and still not brought: lost on the way.
+                stream.catch_up()
+        latest_ids = await self.event_log.latest_ids(list(self.streams))
+        self._behind = {
+            project_id: latest
+            for project_id, latest in latest_ids.items()
+            if (stream := self.streams.get(project_id)) is not None and latest > stream.last_id
+        }
+
+    def _catch_up_all(self) -> None:
+        for stream in tuple(self.streams.values()):
+            stream.catch_up()
 
     def open_sockets(self, user_id: uuid.UUID) -> int:
         return sum(1 for socket in self.sockets if socket.user_id == user_id)

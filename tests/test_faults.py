@@ -66,7 +66,7 @@ from .support import (
 REDIS_TIMEOUT_SECONDS = 0.25  # TASKFLOW_REDIS_TIMEOUT_MS: the deadline of a Redis call
 REDIS_BACKOFF_SECONDS = 1.0  # TASKFLOW_REDIS_BACKOFF_MS: Redis left alone after a failure
 LOCK_TIMEOUT_SECONDS = 1.0  # TASKFLOW_DATABASE_LOCK_TIMEOUT_MS
-STATEMENT_TIMEOUT_SECONDS = 5.0  # TASKFLOW_DATABASE_STATEMENT_TIMEOUT_MS
+STATEMENT_TIMEOUT_SECONDS = 3.0  # TASKFLOW_DATABASE_STATEMENT_TIMEOUT_MS
 POOL_TIMEOUT_SECONDS = 2.0  # TASKFLOW_DATABASE_POOL_TIMEOUT_MS
 DEPENDENCY_SETTINGS = {
     "TASKFLOW_REDIS_TIMEOUT_MS": str(int(REDIS_TIMEOUT_SECONDS * 1000)),
@@ -101,15 +101,17 @@ REDIS_RECOVERY_SECONDS = REDIS_BACKOFF_SECONDS + 3.0
 # is itself waiting for the table) and then the table's.
 LOCKED_READ_MAX_SECONDS = LOCK_TIMEOUT_SECONDS + 0.75
 LOCKED_WRITE_MAX_SECONDS = 2 * LOCK_TIMEOUT_SECONDS + 0.75
-# Waiting for a pooled connection (the pool timeout), then for the lock.
-POOL_WAIT_MAX_SECONDS = POOL_TIMEOUT_SECONDS + LOCK_TIMEOUT_SECONDS + 0.75
+# Waiting for a pooled connection (the pool timeout), then for the locks of
+# a write (see LOCKED_WRITE_MAX_SECONDS).
+POOL_WAIT_MAX_SECONDS = POOL_TIMEOUT_SECONDS + 2 * LOCK_TIMEOUT_SECONDS + 0.75
 # PostgreSQL down: a request fails at connecting (refused at once) or in the
 # middle of a statement; "within a few seconds, never hang".
 DATABASE_DOWN_MAX_SECONDS = 5.0
 # PostgreSQL silent (a partition, a frozen host): "within a few seconds, never
-# hang". What the product's own settings let a request wait for the database
-# is the statement timeout; 1 s more for the client side to give up.
-DATABASE_SILENT_MAX_SECONDS = STATEMENT_TIMEOUT_SECONDS + 1.0
+# hang". The client gives up 1 s after the statement timeout (db.py), and
+# asyncpg then waits up to 2 s more for its cancel request to go out (measured:
+# a silent server costs the client timeout plus min(it, 2 s)); 0.5 s of slack.
+DATABASE_SILENT_MAX_SECONDS = STATEMENT_TIMEOUT_SECONDS + 1.0 + 2.0 + 0.5
 # Longer than that bound, so that a request waiting for a silent database
 # cannot pass by being answered when the silence ends.
 SILENCE_SECONDS = DATABASE_SILENT_MAX_SECONDS + 2.0

@@ -10,7 +10,7 @@ carries between instances: the envelope and the id of the event before it.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -152,6 +152,29 @@ async def latest_event_id(db_session: AsyncSession, project_id: uuid.UUID) -> in
     """The id of the project's latest event, 0 when it has none."""
     latest = await rows(db_session, LATEST_EVENT_ID, {"project_id": project_id})
     return latest.scalar_one() or 0
+
+
+LATEST_IDS_PER_STATEMENT = 100
+
+
+async def latest_event_ids(
+    db_session: AsyncSession, project_ids: Sequence[uuid.UUID]
+) -> dict[uuid.UUID, int]:
+    """The id of each project's latest event (0 when it has none), in one
+    round trip per hundred projects: a column per project, each its own
+    lookup of the (project_id, id) index."""
+    latest: dict[uuid.UUID, int] = {}
+    for start in range(0, len(project_ids), LATEST_IDS_PER_STATEMENT):
+        chunk = project_ids[start : start + LATEST_IDS_PER_STATEMENT]
+        statement = select(
+            *(
+                select(func.max(Event.id)).where(Event.project_id == project_id).scalar_subquery()
+                for project_id in chunk
+            )
+        )
+        row = (await rows(db_session, statement)).one()
+        latest.update(zip(chunk, (value or 0 for value in row), strict=True))
+    return latest
 
 
 EVENTS_AFTER = (
