@@ -24,10 +24,11 @@ websocket_max_message_size = 64 * 1024
 # A connection that sends nothing for this long is closed: a slow or idle
 # client cannot hold one forever (an idle keep-alive connection goes after
 # hypercorn's 5 s keep-alive timeout). A WebSocket client that only listens
-# keeps its socket by answering the pings sent at half that interval, as every
-# WebSocket client does by itself.
+# keeps its socket by answering pings, as every WebSocket client does by
+# itself. Pinged every 5 s at most: hypercorn's pinger of a socket wakes only
+# then to see it closed, and a stopping worker waits for it.
 read_timeout = int(os.environ.get("TASKFLOW_READ_TIMEOUT_SECONDS", "30"))
-websocket_ping_interval = read_timeout / 2
+websocket_ping_interval = min(read_timeout / 2, 5)
 # TaskFlow logs one JSON line per request; hypercorn's own access log is off
 # (its default), and responses do not name the server.
 accesslog = None
