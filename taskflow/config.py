@@ -85,16 +85,16 @@ class Config:
     migration_retry_seconds: int = setting(
         "TASKFLOW_MIGRATION_RETRY_SECONDS", 300, minimum=0, maximum=3600
     )
-    # Every Redis call's deadline, and how long every caller then leaves Redis
-    # alone (see redis_gate.py).
+    # PostgreSQL through PgBouncer in transaction mode: no prepared statements
+    # kept across transactions, no session settings at connect (set on the role).
+    database_pgbouncer: bool = setting("TASKFLOW_DATABASE_PGBOUNCER", False)
     # Redis over TLS (rediss://): the CA bundle to trust instead of the
     # system's, or no certificate verification at all (Heroku Redis presents
     # self-signed certificates and asks for this).
     redis_tls_ca_file: str = setting("TASKFLOW_REDIS_TLS_CA_FILE", "")
     redis_tls_verify: bool = setting("TASKFLOW_REDIS_TLS_VERIFY", True)
-    # PostgreSQL through PgBouncer in transaction mode: no prepared statements
-    # kept across transactions, no session settings at connect (set on the role).
-    database_pgbouncer: bool = setting("TASKFLOW_DATABASE_PGBOUNCER", False)
+    # Every Redis call's deadline, and how long every caller then leaves Redis
+    # alone (see redis_gate.py).
     redis_timeout_ms: int = setting("TASKFLOW_REDIS_TIMEOUT_MS", 250, minimum=10, maximum=10_000)
     redis_backoff_ms: int = setting("TASKFLOW_REDIS_BACKOFF_MS", 1000, minimum=10, maximum=60_000)
     # Authorization lookups and tasks cached in Redis (for comparisons; see cache.py).

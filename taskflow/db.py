@@ -50,13 +50,15 @@ AnySelect = Select[*tuple[Any, ...]]
 AnyRow = Row[*tuple[Any, ...]]
 
 CONNECT_TIMEOUT_SECONDS = 5.0
+# The client's deadline on a database that does not answer at all: this much
+# after the statement timeout, by which the server would have answered.
 UNANSWERED_MARGIN_SECONDS = 1.0
 # How long the start-up check waits for Redis (a Redis that is merely down is
 # not a reason to stay down).
 STARTUP_CHECK_SECONDS = 5.0
+READ_METHODS = ("GET", "HEAD")  # they never write: nothing to commit
 
 log = logging.getLogger(__name__)
-READ_METHODS = ("GET", "HEAD")  # they never write: nothing to commit
 
 
 @dataclass
@@ -186,8 +188,7 @@ def create_engine(config: Config) -> AsyncEngine:
     if url.get_backend_name() != "sqlite":
         connect_args: dict[str, Any] = {
             "timeout": CONNECT_TIMEOUT_SECONDS,
-            # The client gives up on a server that does not answer at all (a
-            # moment after the server would have ended the statement itself).
+            # The client gives up on a server that does not answer at all.
             "command_timeout": config.database_statement_timeout_ms / 1000
             + UNANSWERED_MARGIN_SECONDS,
         }
