@@ -95,8 +95,7 @@ class Backends:
 
     async def close(self) -> None:
         await self.broker.close()
-        if self.redis.client is not None:
-            await self.redis.client.aclose()
+        await self.redis.close()
         await self.engine.dispose()
 
 

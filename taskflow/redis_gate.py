@@ -47,6 +47,7 @@ class RedisGate:
         self.backoff = backoff_seconds
         self._down_since: float | None = None
         self._skip_until = 0.0
+        self._dropping: asyncio.Task[None] | None = None
 
     @property
     def configured(self) -> bool:
@@ -57,6 +58,12 @@ class RedisGate:
         """Whether Redis answered the last call made through this gate."""
         return self.client is not None and self._down_since is None
 
+    async def close(self) -> None:
+        if self._dropping is not None:
+            await self._dropping
+        if self.client is not None:
+            await self.client.aclose()
+
     async def call(self, command: Callable[[aioredis.Redis], Awaitable[T]]) -> T:
         """``command(redis)``'s result, within the deadline; ``RedisUnavailable``
         at once while Redis is backed off, or when this call fails."""
@@ -65,8 +72,9 @@ class RedisGate:
         if client is None or now < self._skip_until:
             raise RedisUnavailable
         if self._down_since is not None:
-            # This call is the probe: the others skip until it is over.
-            self._skip_until = now + self.deadline
+            # This call is the probe: the others skip until it is over (a
+            # deadline, and the one extension a late event loop gives it).
+            self._skip_until = now + 2 * self.deadline
         return await self._attempt(command, client)
 
     async def probe(self) -> bool:
@@ -91,14 +99,20 @@ class RedisGate:
                     deadline.cancel()
         except (RedisError, OSError, TimeoutError) as error:
             self._failed(error)
-            # The pool's idle connections are likely as broken as this one (a
-            # Redis restarted, a failover): dropped, so that the probe after
-            # the back-off connects afresh rather than find the next one.
-            with contextlib.suppress(RedisError, OSError, TimeoutError):
-                await client.connection_pool.disconnect(inuse_connections=False)
+            if self._dropping is None or self._dropping.done():
+                self._dropping = asyncio.create_task(self._drop_idle_connections(client))
             raise RedisUnavailable from error
         self._answered()
         return result
+
+    @staticmethod
+    async def _drop_idle_connections(client: aioredis.Redis) -> None:
+        """The pool's idle connections are likely as broken as the one that
+        failed (a Redis restarted, a failover): dropped, in the background,
+        so that the probe after the back-off connects afresh rather than find
+        the next broken one."""
+        with contextlib.suppress(RedisError, OSError, TimeoutError):
+            await client.connection_pool.disconnect(inuse_connections=False)
 
     def _failed(self, error: Exception) -> None:
         now = time.monotonic()
