@@ -987,6 +987,8 @@ def read_raw_messages(sock: socket.socket, until_type: str, timeout: float = 60)
         payload = take(length)
         if first & 0x0F == 0x8:
             raise ConnectionError(f"closed with {int.from_bytes(payload[:2])}")
+        if first & 0x0F in (0x9, 0xA):  # the server's pings (see hypercorn_config.py)
+            continue
         message = json.loads(payload)
         messages.append(message)
         if message["type"] == until_type:
