@@ -14,14 +14,17 @@ file, and:
   loop, and it gives up with a non-zero status;
 - stops everything and exits with a worker's status when the worker exits
   with an error of its own (such as a configuration error at start-up);
-- on SIGTERM or SIGINT, asks every worker to finish (hypercorn's graceful
-  timeout: in-flight requests complete, sockets close with 1012) and exits 0.
+- on SIGTERM or SIGINT, passes SIGTERM on to every worker (its WebSockets
+  close with 1012), asks each to finish (hypercorn's graceful timeout:
+  in-flight requests complete) and exits 0.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
+import os
 import signal
 import time
 from collections import deque
@@ -80,6 +83,13 @@ def serve(config: HypercornConfig) -> int:
         if stop_by is None:
             stop_by = time.monotonic() + config.graceful_timeout + STOP_MARGIN_SECONDS
             shutdown.set()
+            # Passed on, so that each worker closes its WebSockets with 1012
+            # (clients reconnect elsewhere) even when only this process was
+            # signalled, as `docker stop` does.
+            for process in workers:
+                if process.pid is not None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(process.pid, signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
