@@ -11,10 +11,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import pytest
+import websockets
 
 from taskflow.supervisor import MAX_REPLACEMENTS_PER_MINUTE
 
-from .support import hypercorn
+from .support import hypercorn, register_user
 
 
 def workers_of(master: int) -> set[int]:
@@ -80,3 +82,21 @@ async def test_sigterm_ends_every_worker_and_the_process_cleanly(
         status = await asyncio.wait_for(master.wait(), 30)
     assert status == 0
     assert not any(alive(pid) for pid in workers)
+
+
+async def test_sigterm_to_the_master_alone_closes_websockets_with_1012(
+    environ: dict[str, str],
+) -> None:
+    async with hypercorn(environ, workers=2) as (url, master):
+        async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+            user = await register_user(http)
+        async with websockets.connect(
+            url.replace("http://", "ws://") + "/ws", additional_headers=user.headers
+        ) as ws:
+            await ws.recv()  # ready
+            master.send_signal(signal.SIGTERM)  # as `docker stop` does: not the group
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                await asyncio.wait_for(ws.recv(), 10)
+        status = await asyncio.wait_for(master.wait(), 30)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1012
+    assert status == 0
