@@ -121,3 +121,17 @@ def test_the_embedded_database_is_private(tmp_path: Path) -> None:
     Config.from_env({"TASKFLOW_INSTANCE_DIR": str(shared)})
     assert stat.S_IMODE(shared.stat().st_mode) == 0o755
     assert stat.S_IMODE((shared / "taskflow.sqlite3").stat().st_mode) == 0o600
+
+
+def test_database_connection_pool_url_turns_the_pgbouncer_mode_on() -> None:
+    environ = {
+        "DATABASE_URL": "postgres://app@db.internal:5432/app",
+        "DATABASE_CONNECTION_POOL_URL": "postgres://app@pool.internal:5433/app",
+        "TASKFLOW_SECRET_KEY": "s" * 40,
+    }
+    config = Config.from_env(environ)
+    assert config.database_pgbouncer is True
+    assert config.database_url == "postgresql+asyncpg://app@pool.internal:5433/app"
+    direct = Config.from_env({**environ, "DATABASE_CONNECTION_POOL_URL": ""})
+    assert direct.database_pgbouncer is False
+    assert direct.database_url == "postgresql+asyncpg://app@db.internal:5432/app"

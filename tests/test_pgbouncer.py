@@ -32,11 +32,8 @@ import pytest
 import websockets
 from sqlalchemy.engine import make_url
 
-from taskflow.config import Config
-
 from .support import (
     PASSWORD,
-    TEST_SECRET,
     TestUser,
     create_postgres_database,
     drop_postgres_database,
@@ -451,17 +448,3 @@ async def test_database_connection_pool_url_serves_through_pgbouncer(
         assert len(listed["items"]) == 5
     # The server came through pgbouncer, under the pooled URL's name.
     assert f"login attempt: db={POOLED_URL_DATABASE} " in pgbouncer.log_text()
-
-
-def test_database_connection_pool_url_turns_the_pgbouncer_mode_on() -> None:
-    environ = {
-        "DATABASE_URL": "postgres://app@db.internal:5432/app",
-        "DATABASE_CONNECTION_POOL_URL": "postgres://app@pool.internal:5433/app",
-        "TASKFLOW_SECRET_KEY": TEST_SECRET,
-    }
-    config = Config.from_env(environ)
-    assert config.database_pgbouncer is True
-    assert config.database_url == "postgresql+asyncpg://app@pool.internal:5433/app"
-    direct = Config.from_env({**environ, "DATABASE_CONNECTION_POOL_URL": ""})
-    assert direct.database_pgbouncer is False
-    assert direct.database_url == "postgresql+asyncpg://app@db.internal:5432/app"
