@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
 def start(settings: HypercornConfig) -> int:
     """Serve, once the configuration is known to be usable: a bad one is
     reported here, once, rather than by every worker."""
-    logs.configure_logging(os.environ.get("TASKFLOW_LOG_LEVEL", "INFO"))
+    logs.configure_logging(Config.setting("log_level"))
     try:
         Config.from_env()
     except ConfigError as error:
