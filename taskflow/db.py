@@ -298,6 +298,12 @@ def after_commit(
     db_session.info.setdefault("after_commit", []).append((callback, args))
 
 
+async def roll_back(db_session: AsyncSession) -> None:
+    """Undo this transaction's writes, and forget what was to follow their commit."""
+    await db_session.rollback()
+    db_session.info.pop("after_commit", None)
+
+
 def commit_even_if_refused(db_session: AsyncSession) -> None:
     """Keep this transaction's writes although the request ends in an error.
 
@@ -320,7 +326,7 @@ async def finish_request(response: Response) -> Response:
             for callback, args in db_session.info.get("after_commit", ()):
                 await callback(*args)
         else:
-            await db_session.rollback()
+            await roll_back(db_session)
     finally:
         await db_session.close()
     return response

@@ -20,6 +20,7 @@ from ..db import session
 from ..jsonio import json_response, no_content
 from ..models import MemberRole
 from ..openapi import documents, responds
+from ..preconditions import IfMatch, not_modified
 from ..schemas import Description, Email, Page, ProjectName, RequestModel
 from ..security import require_auth
 from ..tokens import Caller
@@ -70,27 +71,32 @@ class ProjectFields(RequestModel):
 @responds(ProjectOut, 201)
 async def create_project(caller: Caller, data: ProjectFields) -> Response:
     """Create a project; the caller becomes its owner."""
-    project = await projects.insert_project(session(), caller.user_id, data.name, data.description)
-    return json_response(project, 201, {"Location": f"/projects/{project['id']}"})
+    created = await projects.insert_project(session(), caller.user_id, data.name, data.description)
+    headers = {"Location": f"/projects/{created.project['id']}", "ETag": created.etag}
+    return json_response(created.project, 201, headers)
 
 
 @blueprint.get("/projects/<uuid:project_id>")
 @require_auth
 @responds(ProjectOut)
 async def get_project(caller: Caller, project_id: uuid.UUID) -> Response:
-    """Get a project the caller is a member of."""
-    return json_response(await projects.visible_project(session(), project_id, caller.user_id))
+    """Get a project the caller is a member of, with its `ETag`.
+
+    With `If-None-Match` naming the current `ETag`: 304, no body.
+    """
+    found = await projects.visible_project(session(), project_id, caller.user_id)
+    return not_modified(found.etag) or json_response(found.project, headers={"ETag": found.etag})
 
 
 @blueprint.put("/projects/<uuid:project_id>")
 @require_auth
-@documents(403)
+@documents(403, 412)
 @validate_request(ProjectFields)
 @responds(ProjectOut)
 async def replace_project(caller: Caller, project_id: uuid.UUID, data: ProjectFields) -> Response:
     """Replace a project's name and description (an omitted description becomes null).
 
-    Owner only.
+    Owner only. With `If-Match`, a stale `ETag` is a 412 and nothing changes.
     """
     return await edit_project(caller, project_id, data.model_dump(include={"name", "description"}))
 
@@ -102,11 +108,11 @@ class ProjectPatch(RequestModel):
 
 @blueprint.patch("/projects/<uuid:project_id>")
 @require_auth
-@documents(403)
+@documents(403, 412)
 @validate_request(ProjectPatch)
 @responds(ProjectOut)
 async def patch_project(caller: Caller, project_id: uuid.UUID, data: ProjectPatch) -> Response:
-    """Change the fields sent (`null` clears the description). Owner only."""
+    """Change the fields sent (`null` clears the description). Owner only; `If-Match` as for PUT."""
     return await edit_project(caller, project_id, data.model_dump(include=data.model_fields_set))
 
 
@@ -114,19 +120,22 @@ async def edit_project(caller: Caller, project_id: uuid.UUID, values: dict[str, 
     db_session = session()
     lock = await lock_project(db_session, project_id, caller.user_id)
     require_owner(lock, "edit it")
-    return json_response(await projects.update_project(db_session, lock, caller.user_id, values))
+    updated = await projects.update_project(
+        db_session, lock, caller.user_id, values, IfMatch.of_request()
+    )
+    return json_response(updated.project, headers={"ETag": updated.etag})
 
 
 @blueprint.delete("/projects/<uuid:project_id>")
 @require_auth
-@documents(403)
+@documents(403, 412)
 @responds(None, 204)
 async def delete_project(caller: Caller, project_id: uuid.UUID) -> Response:
-    """Delete a project with its tasks, members and events. Owner only."""
+    """Delete a project with its tasks, members and events. Owner only; `If-Match` as for PUT."""
     db_session = session()
     lock = await lock_project(db_session, project_id, caller.user_id)
     require_owner(lock, "delete it")
-    await projects.remove_project(db_session, lock, caller.user_id)
+    await projects.remove_project(db_session, lock, caller.user_id, IfMatch.of_request())
     return no_content()
 
 

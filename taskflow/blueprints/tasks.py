@@ -11,7 +11,7 @@ import uuid
 from typing import Literal
 
 from pydantic import AwareDatetime, BaseModel, Field, field_validator
-from quart import Blueprint, Response, request
+from quart import Blueprint, Response
 from quart_schema import validate_querystring, validate_request
 
 from ..access import lock_project, require_member
@@ -21,6 +21,7 @@ from ..db import session
 from ..jsonio import json_response, no_content
 from ..models import TaskStatus
 from ..openapi import documents, responds
+from ..preconditions import IfMatch, not_modified
 from ..schemas import (
     ASSIGNEE_FILTER_PATTERN,
     WORDS_PATTERN,
@@ -155,9 +156,14 @@ async def create_task(caller: Caller, project_id: uuid.UUID, data: TaskFields) -
 @require_auth
 @responds(TaskOut)
 async def get_task(caller: Caller, task_id: uuid.UUID) -> Response:
-    """Get a task of a project the caller is a member of, with its `ETag`."""
+    """Get a task of a project the caller is a member of, with its `ETag`.
+
+    With `If-None-Match` naming the current `ETag`: 304, no body.
+    """
     document = await tasks.read_task(session(), task_id, caller.user_id)
-    return json_response(document.body, headers={"ETag": document.etag})
+    return not_modified(document.etag) or json_response(
+        document.body, headers={"ETag": document.etag}
+    )
 
 
 @blueprint.put("/tasks/<uuid:task_id>")
@@ -194,7 +200,7 @@ async def patch_task(caller: Caller, task_id: uuid.UUID, data: TaskPatch) -> Res
 
 
 async def edit_task(caller: Caller, task_id: uuid.UUID, values: dict[str, object]) -> Response:
-    if_match = tasks.IfMatch.from_header(request.headers.get("If-Match"))
+    if_match = IfMatch.of_request()
     updated = await tasks.update_task(session(), task_id, caller.user_id, values, if_match)
     return json_response(updated.task, headers={"ETag": updated.etag})
 
@@ -205,6 +211,6 @@ async def edit_task(caller: Caller, task_id: uuid.UUID, values: dict[str, object
 @responds(None, 204)
 async def delete_task(caller: Caller, task_id: uuid.UUID) -> Response:
     """Delete a task (honouring `If-Match`)."""
-    if_match = tasks.IfMatch.from_header(request.headers.get("If-Match"))
+    if_match = IfMatch.of_request()
     await tasks.remove_task(session(), task_id, caller.user_id, if_match)
     return no_content()

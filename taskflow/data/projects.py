@@ -7,6 +7,7 @@ project's ``ProjectLock`` from ``access`` and record one event each.
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypedDict
 
@@ -20,6 +21,7 @@ from ..db import AnySelect, after_commit
 from ..errors import APIError
 from ..models import MemberRole, Project, ProjectMember, Task, User
 from ..pagination import Paged, decode_cursor, encode_cursor, invalid_cursor
+from ..preconditions import IfMatch, etag
 from .accounts import find_user_by_email
 from .events import EventKind, record_event
 from .tasks import task_key
@@ -58,6 +60,7 @@ PROJECT_FIELDS = (
     Project.created_at,
     Project.updated_at,
 )
+PROJECT_FIELD_NAMES = tuple(column.key for column in PROJECT_FIELDS)
 MEMBER_FIELDS = (ProjectMember.user_id, User.email, ProjectMember.role, ProjectMember.added_at)
 
 
@@ -80,15 +83,29 @@ def project_data(project: ProjectRecord) -> ProjectData:
     }
 
 
+@dataclass(frozen=True)
+class VersionedProject:
+    """A project as its member sees it, with the version its ETag names."""
+
+    project: ProjectRecord
+    version: int
+
+    @property
+    def etag(self) -> str:
+        return etag(self.version)
+
+
 async def visible_project(
     db_session: AsyncSession, project_id: uuid.UUID, user_id: uuid.UUID
-) -> ProjectRecord:
+) -> VersionedProject:
     """The project as its member *user_id* sees it, or a 404."""
-    row = (await db_session.execute(projects_of(user_id).where(Project.id == project_id))).first()
+    query = projects_of(user_id).add_columns(Project.version).where(Project.id == project_id)
+    row = (await db_session.execute(query)).first()
     if row is None:
         raise project_not_found()
-    project: ProjectRecord = row._asdict()  # type: ignore[assignment]
-    return project
+    *fields, version = row
+    project: ProjectRecord = dict(zip(PROJECT_FIELD_NAMES, fields, strict=True))  # type: ignore[assignment]
+    return VersionedProject(project, version)
 
 
 async def project_page(
@@ -122,7 +139,7 @@ def decode_position(position: list[Any]) -> tuple[datetime, uuid.UUID]:
 
 async def insert_project(
     db_session: AsyncSession, owner_id: uuid.UUID, name: str, description: str | None
-) -> ProjectRecord:
+) -> VersionedProject:
     now = datetime.now(UTC)
     project = Project(
         name=name, description=description, owner_id=owner_id, created_at=now, updated_at=now
@@ -147,20 +164,26 @@ async def insert_project(
     # insert holds it as a lock would.
     lock = ProjectLock(project.id, MemberRole.OWNER)
     await record_event(db_session, lock, EventKind.PROJECT_CREATED, owner_id, project_data(record))
-    return record
+    return VersionedProject(record, project.version)
 
 
 async def update_project(
-    db_session: AsyncSession, lock: ProjectLock, user_id: uuid.UUID, values: dict[str, Any]
-) -> ProjectRecord:
+    db_session: AsyncSession,
+    lock: ProjectLock,
+    user_id: uuid.UUID,
+    values: dict[str, Any],
+    if_match: IfMatch,
+) -> VersionedProject:
     """Set the project's fields in *values* (name, description)."""
-    before = await visible_project(db_session, lock.project_id, user_id)
+    current = await visible_project(db_session, lock.project_id, user_id)
+    if_match.check(current.version, "project")
     await db_session.execute(
         update(Project)
         .where(Project.id == lock.project_id)
-        .values(**values, updated_at=datetime.now(UTC))
+        .values(**values, version=Project.version + 1, updated_at=datetime.now(UTC))
     )
-    after = await visible_project(db_session, lock.project_id, user_id)
+    updated = await visible_project(db_session, lock.project_id, user_id)
+    before, after = current.project, updated.project
     changes = {
         key: [before[key], after[key]]  # type: ignore[literal-required]
         for key in values
@@ -169,15 +192,20 @@ async def update_project(
     await record_event(
         db_session, lock, EventKind.PROJECT_UPDATED, user_id, project_data(after), changes
     )
-    return after
+    return updated
 
 
-async def remove_project(db_session: AsyncSession, lock: ProjectLock, user_id: uuid.UUID) -> None:
+async def remove_project(
+    db_session: AsyncSession, lock: ProjectLock, user_id: uuid.UUID, if_match: IfMatch
+) -> None:
     """Delete the project with its tasks, members and events."""
-    project = await visible_project(db_session, lock.project_id, user_id)
+    current = await visible_project(db_session, lock.project_id, user_id)
+    if_match.check(current.version, "project")
     # The event row goes with the project (its log is deleted too); it is
     # still published to the project's live subscribers after the commit.
-    await record_event(db_session, lock, EventKind.PROJECT_DELETED, user_id, project_data(project))
+    await record_event(
+        db_session, lock, EventKind.PROJECT_DELETED, user_id, project_data(current.project)
+    )
     members = await db_session.execute(
         delete(ProjectMember)
         .where(ProjectMember.project_id == lock.project_id)

@@ -22,6 +22,7 @@ from ..db import AnyRow, after_commit, rows
 from ..errors import APIError, validation_failed
 from ..jsonio import dumps
 from ..models import ProjectMember, Task, TaskStatus
+from ..preconditions import IfMatch, etag
 from .events import EventKind, record_event
 
 
@@ -55,10 +56,6 @@ WRITABLE_FIELDS = ("title", "description", "status", "assignee_id", "due_date")
 def task_record(row: AnyRow) -> TaskRecord:
     record: TaskRecord = dict(zip(TASK_FIELD_NAMES, row, strict=False))  # type: ignore[assignment]
     return record
-
-
-def etag(version: int) -> str:
-    return f'"{version}"'
 
 
 @dataclass(frozen=True)
@@ -108,23 +105,6 @@ def task_key(task_id: uuid.UUID) -> cache.CacheKey[TaskDocument | None]:
     return cache.CacheKey(f"task-document:{task_id}", _encode_document, _decode_document)
 
 
-@dataclass(frozen=True)
-class IfMatch:
-    """An ``If-Match`` precondition: the ETags a write may proceed from (None: any)."""
-
-    etags: frozenset[str] | None
-
-    @classmethod
-    def from_header(cls, header: str | None) -> IfMatch:
-        if header is None or header.strip() == "*":
-            return cls(None)
-        return cls(frozenset(tag.strip() for tag in header.split(",")))
-
-    def check(self, version: int) -> None:
-        if self.etags is not None and etag(version) not in self.etags:
-            raise APIError(412, "precondition_failed", "The task has changed since that ETag.")
-
-
 def task_not_found() -> APIError:
     return APIError(404, "not_found", "Task not found.")
 
@@ -160,7 +140,7 @@ async def lock_task(
     row = (await rows(db_session, TASK_BY_ID, {"task_id": task_id})).first() if lock else None
     if lock is None or row is None:
         raise task_not_found()
-    if_match.check(row.version)
+    if_match.check(row.version, "task")
     return lock, row
 
 
