@@ -9,8 +9,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import re
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,10 +29,51 @@ class ConfigError(Exception):
     """The environment does not describe a configuration TaskFlow can run with."""
 
 
-def setting(env: str, default: Any, minimum: int | None = None, maximum: int | None = None) -> Any:
-    """A field of ``Config`` read from the environment variable *env*."""
-    bounds = {"env": env, "minimum": minimum, "maximum": maximum}
+def setting(
+    env: str,
+    default: Any,
+    minimum: int | None = None,
+    maximum: int | None = None,
+    parse: Callable[[str, str], Any] | None = None,
+) -> Any:
+    """A field of ``Config`` read from the environment variable *env*; *parse*
+    turns a value that is neither a number nor a boolean into the field's
+    (given the variable's name and its text, it raises ``ConfigError``)."""
+    bounds = {"env": env, "minimum": minimum, "maximum": maximum, "parse": parse}
     return dataclasses.field(default=default, metadata=bounds)
+
+
+# An origin as a browser writes it in ``Origin``: scheme, host, optional port.
+ORIGIN = re.compile(
+    r"(?P<scheme>[a-z][a-z0-9+.-]*)://"
+    r"(?P<host>[a-z0-9-]+(?:\.[a-z0-9-]+)*|\[[0-9a-f:.]+\])"
+    r"(?::(?P<port>[0-9]{1,5}))?"
+)
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def parse_origins(name: str, raw: str) -> tuple[str, ...]:
+    """Comma-separated origins (``https://app.example.com``), each written as
+    a browser sends it: lower case, no default port (``:443`` is dropped), and
+    no path, not even ``/``, since an entry a browser never sends would
+    silently allow nothing."""
+    origins: list[str] = []
+    for entry in (part.strip() for part in raw.split(",")):
+        if not entry:
+            continue
+        match = ORIGIN.fullmatch(entry.lower())
+        port = int(match["port"]) if match and match["port"] else None
+        if match is None or (port is not None and not 1 <= port <= 65535):
+            raise ConfigError(
+                f"{name}: {entry!r} is not an origin such as https://app.example.com "
+                "(scheme, host and optional port; no path, not even a trailing /)."
+            )
+        origin = f"{match['scheme']}://{match['host']}"
+        if port is not None and DEFAULT_PORTS.get(match["scheme"]) != port:
+            origin += f":{port}"
+        if origin not in origins:
+            origins.append(origin)
+    return tuple(origins)
 
 
 @dataclass(frozen=True)
@@ -41,6 +83,8 @@ class Config:
     secret_key: str
     port: int = setting("PORT", 8000, minimum=1, maximum=65535)
     trusted_proxy_hops: int = setting("TASKFLOW_TRUSTED_PROXY_HOPS", 0, minimum=0)
+    # Origins whose pages may call the API from a browser (see cors.py).
+    cors_origins: tuple[str, ...] = setting("TASKFLOW_CORS_ORIGINS", (), parse=parse_origins)
     # IPv6 clients are limited per network of this prefix (one holds a whole /64).
     ipv6_prefix_length: int = setting("TASKFLOW_IPV6_PREFIX_LENGTH", 64, minimum=32, maximum=128)
     bcrypt_rounds: int = setting("TASKFLOW_BCRYPT_ROUNDS", 12, minimum=4, maximum=31)
@@ -213,6 +257,8 @@ def _read(env: Mapping[str, str], field: dataclasses.Field[Any]) -> Any:
     raw = env.get(name, "").strip()
     if not raw:
         return default
+    if field.metadata["parse"] is not None:
+        return field.metadata["parse"](name, raw)
     if isinstance(default, bool):
         return _bool(name, raw)
     if isinstance(default, int):

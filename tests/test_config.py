@@ -71,6 +71,18 @@ def test_full_configuration_from_the_environment() -> None:
         ("TASKFLOW_BCRYPT_ROUNDS", "3"),
         ("REDIS_URL", "http://cache"),
         ("TASKFLOW_RATE_LIMIT_ENABLED", "maybe"),
+        ("TASKFLOW_CORS_ORIGINS", "https://app.example.com/"),
+        ("TASKFLOW_CORS_ORIGINS", "https://app.example.com/app"),
+        ("TASKFLOW_CORS_ORIGINS", "app.example.com"),
+        ("TASKFLOW_CORS_ORIGINS", "*"),
+        ("TASKFLOW_CORS_ORIGINS", "null"),
+        ("TASKFLOW_CORS_ORIGINS", "https://*.example.com"),
+        ("TASKFLOW_CORS_ORIGINS", "https://user@app.example.com"),
+        ("TASKFLOW_CORS_ORIGINS", "https://app.example.com?x=1"),
+        ("TASKFLOW_CORS_ORIGINS", "https://app.example.com:0"),
+        ("TASKFLOW_CORS_ORIGINS", "https://app.example.com:99999"),
+        ("TASKFLOW_CORS_ORIGINS", "https://app.example.com https://other.example"),
+        ("TASKFLOW_CORS_ORIGINS", "https://ok.example,ftp//bad"),
     ],
 )
 def test_bad_values_are_refused_with_the_variable_named(
@@ -135,3 +147,23 @@ def test_database_connection_pool_url_turns_the_pgbouncer_mode_on() -> None:
     direct = Config.from_env({**environ, "DATABASE_CONNECTION_POOL_URL": ""})
     assert direct.database_pgbouncer is False
     assert direct.database_url == "postgresql+asyncpg://app@db.internal:5432/app"
+
+
+def test_cors_origins_are_read_as_a_browser_writes_them(tmp_path: Path) -> None:
+    instance = {"TASKFLOW_INSTANCE_DIR": str(tmp_path)}
+    assert Config.from_env(instance).cors_origins == ()
+    config = Config.from_env(
+        {
+            **instance,
+            "TASKFLOW_CORS_ORIGINS": " https://App.Example.com:443, http://localhost:3000,,"
+            "http://127.0.0.1:80, https://app.example.com, http://[::1]:8080,"
+            "capacitor://localhost",
+        }
+    )
+    assert config.cors_origins == (
+        "https://app.example.com",
+        "http://localhost:3000",
+        "http://127.0.0.1",
+        "http://[::1]:8080",
+        "capacitor://localhost",
+    )
