@@ -5,7 +5,7 @@ from __future__ import annotations
 from quart import Quart
 from quart_schema import Info, QuartSchema, tag_blueprint
 
-from . import db, errors, limits, logs, passwords, server_errors, ws
+from . import cors, db, errors, limits, logs, passwords, server_errors, ws
 from .blueprints import auth, ops, projects, tasks
 from .config import Config
 from .jsonio import JSONRequest, ORJSONProvider
@@ -38,8 +38,8 @@ def create_app(config: Config | None = None) -> Quart:
     app.config.update(
         TASKFLOW=config,
         MAX_CONTENT_LENGTH=MAX_BODY_BYTES,
-        # OPTIONS would answer every route without authentication; there is no
-        # CORS preflight to serve, so it is a plain 405 like any other method.
+        # OPTIONS would answer every route without authentication: a CORS
+        # preflight is answered by cors.py, any other OPTIONS is a plain 405.
         PROVIDE_AUTOMATIC_OPTIONS=False,
         QUART_SCHEMA_SWAGGER_JS_URL="/docs/assets/swagger-ui-bundle.js",
         QUART_SCHEMA_SWAGGER_CSS_URL="/docs/assets/swagger-ui.css",
@@ -53,6 +53,7 @@ def create_app(config: Config | None = None) -> Quart:
     db.init_app(app, config)
     limits.init_app(app, config)  # before errors: a refused request is counted too
     errors.init_app(app)
+    cors.init_app(app, config)  # after the limiter: preflights are counted too
 
     for blueprint, tag in (
         (ops.blueprint, "operations"),
