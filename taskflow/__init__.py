@@ -5,7 +5,7 @@ from __future__ import annotations
 from quart import Quart
 from quart_schema import Info, QuartSchema, tag_blueprint
 
-from . import cors, db, errors, limits, logs, passwords, server_errors, ws
+from . import cors, db, errors, idempotency, limits, logs, passwords, server_errors, ws
 from .blueprints import auth, ops, projects, tasks
 from .config import Config
 from .jsonio import JSONRequest, ORJSONProvider
@@ -53,6 +53,7 @@ def create_app(config: Config | None = None) -> Quart:
     db.init_app(app, config)
     limits.init_app(app, config)  # before errors: a refused request is counted too
     errors.init_app(app)
+    idempotency.init_app(app)  # after db and limits: see its docstring
     cors.init_app(app, config)  # after the limiter: preflights are counted too
 
     for blueprint, tag in (

@@ -85,6 +85,7 @@ def test_models_cover_every_table_of_the_contract() -> None:
         "project_members",
         "tasks",
         "events",
+        "idempotency_keys",
     }
 
 
