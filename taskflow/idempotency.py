@@ -56,17 +56,25 @@ def key_of_request() -> str | None:
     values = request.headers.getlist(KEY_HEADER)
     if not values:
         return None
-    key = values[0]
-    if len(key) > 1 and key[0] == key[-1] == '"':  # the quoted form, or nothing
-        quoted = QUOTED.fullmatch(key)
-        key = re.sub(r"\\(.)", r"\1", quoted.group(1)) if quoted is not None else ""
-    if len(values) > 1 or VISIBLE_ASCII.fullmatch(key) is None:
+    key = parse_key(values[0]) if len(values) == 1 else None
+    if key is None:
         raise APIError(
             400,
             "invalid_idempotency_key",
             f"{KEY_HEADER} must be one value of 1 to 255 visible ASCII characters.",
         )
     return key
+
+
+def parse_key(value: str) -> str | None:
+    """The key a header value names (None: malformed): 1-255 visible ASCII
+    characters, bare or in the quoted form (a value that starts and ends with
+    `"` is read as the quoted form)."""
+    key = value
+    if len(value) > 1 and value[0] == value[-1] == '"':
+        quoted = QUOTED.fullmatch(value)
+        key = re.sub(r"\\(.)", r"\1", quoted.group(1)) if quoted is not None else ""
+    return key if VISIBLE_ASCII.fullmatch(key) else None
 
 
 @dataclass(frozen=True)

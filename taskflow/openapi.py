@@ -25,6 +25,7 @@ from quart_schema.validation import (
 )
 from werkzeug.routing import Rule
 
+from .idempotency import KEY_HEADER, KEYED_METHODS, REPLAYED_HEADER
 from .security import REQUIRES_AUTH_ATTRIBUTE
 
 DOCUMENTED_ERRORS_ATTRIBUTE = "_taskflow_documented_errors"
@@ -138,22 +139,37 @@ def documents(*statuses: int) -> Callable[[F], F]:
     return decorator
 
 
-def responds(model: type[BaseModel] | None, status: int = 200) -> Callable[[F], F]:
-    """Document that the route answers *status* with a body of *model* (None: no body)."""
+def responds(
+    model: type[BaseModel] | None, status: int = 200, *, headers: tuple[str, ...] = ()
+) -> Callable[[F], F]:
+    """Document that the route answers *status* with a body of *model* (None:
+    no body) and the *headers* named (from ``RESPONSE_HEADERS``)."""
 
     def decorator(view: F) -> F:
         responses = dict(getattr(view, RESPONSES_ATTRIBUTE, {}))
-        responses[status] = model
+        responses[status] = (model, headers)
         setattr(view, RESPONSES_ATTRIBUTE, responses)
         return view
 
     return decorator
 
 
-def error_statuses(view: Callable[..., Any], rule: Rule) -> set[int]:
+def takes_idempotency_key(method: str) -> bool:
+    return method.upper() in KEYED_METHODS
+
+
+def keeps_idempotency_key(view: Callable[..., Any], method: str) -> bool:
+    return takes_idempotency_key(method) and getattr(view, REQUIRES_AUTH_ATTRIBUTE, False)
+
+
+def error_statuses(view: Callable[..., Any], rule: Rule, method: str) -> set[int]:
     statuses = set(EVERY_ROUTE) | set(getattr(view, DOCUMENTED_ERRORS_ATTRIBUTE, ()))
     if getattr(view, REQUIRES_AUTH_ATTRIBUTE, False):
         statuses.add(401)
+    if takes_idempotency_key(method):
+        statuses.add(400)
+    if keeps_idempotency_key(view, method):
+        statuses |= {409, 422}
     if getattr(view, QUART_SCHEMA_REQUEST_ATTRIBUTE, None) is not None:
         statuses |= {400, 413, 415, 422}
     if getattr(view, QUART_SCHEMA_QUERYSTRING_ATTRIBUTE, None) is not None:
@@ -163,26 +179,61 @@ def error_statuses(view: Callable[..., Any], rule: Rule) -> set[int]:
     return statuses
 
 
+RESPONSE_HEADERS: dict[str, dict[str, Any]] = {
+    "ETag": {
+        "description": "The resource's version: send it in `If-Match` or `If-None-Match`.",
+        "schema": {"type": "string"},
+    },
+    "Location": {"description": "The path of the resource created.", "schema": {"type": "string"}},
+    REPLAYED_HEADER: {
+        "description": "`true` when this is the kept response of an earlier request "
+        f"with the same `{KEY_HEADER}`.",
+        "schema": {"type": "string", "enum": ["true"]},
+    },
+}
+# The keys `idempotency.key_of_request` accepts: 1-255 visible ASCII characters
+# (a value that starts and ends with `"` being the quoted form), or the quoted
+# form: an RFC 8941 string of 1-255 of them, `"` and `\` escaped.
+KEY_PATTERN = (
+    r'^(?:[!-~]|[!#-~][!-~]{0,253}[!-~]|"[!-~]{0,253}[!#-~]|"(?:[!#-\[\]-~]|\\["\\]){1,255}")$'
+)
+KEY_PARAMETER = {
+    "name": KEY_HEADER,
+    "in": "header",
+    "required": False,
+    "schema": {"type": "string", "pattern": KEY_PATTERN},
+}
+IF_MATCH = {
+    "name": "If-Match",
+    "in": "header",
+    "required": False,
+    "description": "The `ETag` the write is based on: a stale one is a 412 and nothing changes.",
+    "schema": {"type": "string"},
+}
+IF_NONE_MATCH = {
+    "name": "If-None-Match",
+    "in": "header",
+    "required": False,
+    "description": "The `ETag` the client holds: while it is current, a 304 with no body.",
+    "schema": {"type": "string"},
+}
+
+
 class TaskFlowOpenAPIProvider(OpenAPIProvider):
     def build_paths(self, rule: Rule) -> tuple[dict[str, Any], dict[str, Any]]:
         paths, components = super().build_paths(rule)
         view = self._app.view_functions[rule.endpoint]
         problem = Problem.model_json_schema(ref_template="#/components/schemas/{model}")
         components.update(problem.pop("$defs", {}), Problem=problem)
-        successes: dict[str, Any] = {}
-        for status, model in getattr(view, RESPONSES_ATTRIBUTE, {}).items():
-            if model is None:
-                successes[str(status)] = {"description": HTTPStatus(status).phrase}
-            else:
-                successes[str(status)], models = self.build_response_object(model, None)
-                components.update(models)
-            links = LINKS.get((rule.endpoint, status))
-            if links:
-                successes[str(status)] = {**successes[str(status)], "links": links}
+        declared: dict[int, tuple[type[BaseModel] | None, tuple[str, ...]]]
+        declared = getattr(view, RESPONSES_ATTRIBUTE, {})
         for operations in paths.values():
             for method, operation in operations.items():
+                successes, models = self.success_responses(rule, view, declared, method)
+                components.update(models)
                 responses = {**operation["responses"], **successes}
-                for status in sorted(error_statuses(view, rule)):
+                statuses = error_statuses(view, rule, method)
+                for status in sorted(statuses):
                     responses[str(status)] = {
                         "description": HTTPStatus(status).phrase,
                         "content": {
@@ -196,4 +247,53 @@ class TaskFlowOpenAPIProvider(OpenAPIProvider):
                     operation["requestBody"] = {**operation["requestBody"], "required": True}
                 if getattr(view, REQUIRES_AUTH_ATTRIBUTE, False):
                     operation["security"] = [{BEARER: []}]
+                parameters = list(operation.get("parameters", []))
+                if takes_idempotency_key(method):
+                    keeps = keeps_idempotency_key(view, method)
+                    parameters.append({**KEY_PARAMETER, "description": key_description(keeps)})
+                if 412 in statuses:
+                    parameters.append(IF_MATCH)
+                if 304 in declared:
+                    parameters.append(IF_NONE_MATCH)
+                if parameters:
+                    operation["parameters"] = parameters
         return paths, components
+
+    def success_responses(
+        self,
+        rule: Rule,
+        view: Callable[..., Any],
+        declared: dict[int, tuple[type[BaseModel] | None, tuple[str, ...]]],
+        method: str,
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        successes: dict[str, Any] = {}
+        components: dict[str, Any] = {}
+        for status, (model, headers) in declared.items():
+            if model is None:
+                response: dict[str, Any] = {"description": HTTPStatus(status).phrase}
+            else:
+                response, models = self.build_response_object(model, None)
+                components.update(models)
+            names = [*headers, *([REPLAYED_HEADER] if keeps_idempotency_key(view, method) else [])]
+            if names:
+                response = {**response, "headers": {name: RESPONSE_HEADERS[name] for name in names}}
+            links = LINKS.get((rule.endpoint, status))
+            if links:
+                response = {**response, "links": links}
+            successes[str(status)] = response
+        return successes, components
+
+
+def key_description(kept: bool) -> str:
+    if kept:
+        return (
+            "Makes a retry safe: the response is kept for 24 hours, and a repeat with the "
+            "same key, method, path and body gets it again (`Idempotent-Replayed: true`) "
+            "and changes nothing. The same key for another request is a 422 "
+            "`idempotency_key_reused`; while its first request runs, a 409. "
+            'The quoted form `"…"` names the same key.'
+        )
+    return (
+        "Checked (a malformed key is a 400) but not kept: this route's response is or "
+        "makes a credential, which TaskFlow never stores; see the README."
+    )

@@ -8,20 +8,25 @@ The races across real processes, and a crash between attempts, are in
 from __future__ import annotations
 
 import asyncio
+import re
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from quart import Blueprint, Quart, Response
 from quart.typing import TestClientProtocol as Client
 from sqlalchemy import update
 
 from taskflow.config import Config
 from taskflow.db import backends, session
+from taskflow.idempotency import parse_key
 from taskflow.jsonio import json_response
 from taskflow.models import Event, IdempotencyKey, Task
+from taskflow.openapi import KEY_PATTERN
 from taskflow.security import require_auth
 from taskflow.tokens import Caller
 
@@ -334,3 +339,11 @@ async def test_routes_without_a_bearer_token_check_the_key_but_keep_nothing(
     logged_in = await client.post("/auth/login", json=credentials, headers={"Idempotency-Key": "l"})
     assert logged_in.status_code == 200
     assert await count_rows(app, IdempotencyKey) == 0
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.text(alphabet=st.characters(min_codepoint=0x1F, max_codepoint=0x80), max_size=260))
+def test_the_openapi_pattern_states_exactly_the_keys_accepted(value: str) -> None:
+    for candidate in (value, f'"{value}"'):
+        accepted = parse_key(candidate) is not None
+        assert accepted == (re.fullmatch(KEY_PATTERN, candidate) is not None), candidate

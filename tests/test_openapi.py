@@ -51,6 +51,39 @@ async def test_every_route_is_described_with_its_errors(app: Quart, client: Clie
     assert described >= 20
 
 
+async def test_conditional_and_idempotent_requests_are_described(
+    app: Quart, client: Client
+) -> None:
+    spec = await spec_of(client)
+    keyed = 0
+    for path, operations in spec["paths"].items():
+        for method, operation in operations.items():
+            headers = {p["name"]: p for p in operation.get("parameters", []) if p["in"] == "header"}
+            responses = operation["responses"]
+            if method in ("post", "patch"):
+                assert "Idempotency-Key" in headers, (path, method)
+                assert "400" in responses
+            if method in ("post", "patch") and "security" in operation:
+                keyed += 1
+                assert {"409", "422"} <= set(responses), (path, method)
+                for status, response in responses.items():
+                    if status < "300":
+                        assert "Idempotent-Replayed" in response["headers"], (path, method)
+            if "412" in responses:
+                assert "If-Match" in headers, (path, method)
+    assert keyed == 6  # projects, project, members, tasks, task, logout
+    for path in ("/tasks/{task_id}", "/projects/{project_id}"):
+        read = spec["paths"][path]["get"]
+        assert "If-None-Match" in {p["name"] for p in read["parameters"]}
+        assert "ETag" in read["responses"]["304"]["headers"]
+        assert "ETag" in read["responses"]["200"]["headers"]
+        for method in ("put", "patch", "delete"):
+            assert "412" in spec["paths"][path][method]["responses"], (path, method)
+    for path in ("/projects", "/projects/{project_id}/tasks"):
+        created = spec["paths"][path]["post"]["responses"]["201"]["headers"]
+        assert {"Location", "ETag", "Idempotent-Replayed"} <= set(created)
+
+
 async def test_task_list_parameters_and_models(client: Client) -> None:
     spec = await spec_of(client)
     operation = spec["paths"]["/projects/{project_id}/tasks"]["get"]

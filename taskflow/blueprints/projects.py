@@ -68,7 +68,7 @@ class ProjectFields(RequestModel):
 @blueprint.post("/projects")
 @require_auth
 @validate_request(ProjectFields)
-@responds(ProjectOut, 201)
+@responds(ProjectOut, 201, headers=("Location", "ETag"))
 async def create_project(caller: Caller, data: ProjectFields) -> Response:
     """Create a project; the caller becomes its owner."""
     created = await projects.insert_project(session(), caller.user_id, data.name, data.description)
@@ -78,7 +78,8 @@ async def create_project(caller: Caller, data: ProjectFields) -> Response:
 
 @blueprint.get("/projects/<uuid:project_id>")
 @require_auth
-@responds(ProjectOut)
+@responds(ProjectOut, headers=("ETag",))
+@responds(None, 304, headers=("ETag",))
 async def get_project(caller: Caller, project_id: uuid.UUID) -> Response:
     """Get a project the caller is a member of, with its `ETag`.
 
@@ -92,7 +93,7 @@ async def get_project(caller: Caller, project_id: uuid.UUID) -> Response:
 @require_auth
 @documents(403, 412)
 @validate_request(ProjectFields)
-@responds(ProjectOut)
+@responds(ProjectOut, headers=("ETag",))
 async def replace_project(caller: Caller, project_id: uuid.UUID, data: ProjectFields) -> Response:
     """Replace a project's name and description (an omitted description becomes null).
 
@@ -110,7 +111,7 @@ class ProjectPatch(RequestModel):
 @require_auth
 @documents(403, 412)
 @validate_request(ProjectPatch)
-@responds(ProjectOut)
+@responds(ProjectOut, headers=("ETag",))
 async def patch_project(caller: Caller, project_id: uuid.UUID, data: ProjectPatch) -> Response:
     """Change the fields sent (`null` clears the description). Owner only; `If-Match` as for PUT."""
     return await edit_project(caller, project_id, data.model_dump(include=data.model_fields_set))

@@ -142,7 +142,7 @@ class TaskFields(RequestModel):
 @blueprint.post("/projects/<uuid:project_id>/tasks")
 @require_auth
 @validate_request(TaskFields)
-@responds(TaskOut, 201)
+@responds(TaskOut, 201, headers=("Location", "ETag"))
 async def create_task(caller: Caller, project_id: uuid.UUID, data: TaskFields) -> Response:
     """Create a task; the assignee, if any, must be a member of the project."""
     db_session = session()
@@ -154,7 +154,8 @@ async def create_task(caller: Caller, project_id: uuid.UUID, data: TaskFields) -
 
 @blueprint.get("/tasks/<uuid:task_id>")
 @require_auth
-@responds(TaskOut)
+@responds(TaskOut, headers=("ETag",))
+@responds(None, 304, headers=("ETag",))
 async def get_task(caller: Caller, task_id: uuid.UUID) -> Response:
     """Get a task of a project the caller is a member of, with its `ETag`.
 
@@ -170,7 +171,7 @@ async def get_task(caller: Caller, task_id: uuid.UUID) -> Response:
 @require_auth
 @documents(412)
 @validate_request(TaskFields)
-@responds(TaskOut)
+@responds(TaskOut, headers=("ETag",))
 async def replace_task(caller: Caller, task_id: uuid.UUID, data: TaskFields) -> Response:
     """Replace a task's writable fields: an omitted one becomes null (status: pending).
 
@@ -193,7 +194,7 @@ class TaskPatch(RequestModel):
 @require_auth
 @documents(412)
 @validate_request(TaskPatch)
-@responds(TaskOut)
+@responds(TaskOut, headers=("ETag",))
 async def patch_task(caller: Caller, task_id: uuid.UUID, data: TaskPatch) -> Response:
     """Change only the fields sent; `null` clears. `If-Match` as for PUT."""
     return await edit_task(caller, task_id, data.model_dump(include=data.model_fields_set))
