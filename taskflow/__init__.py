@@ -5,7 +5,7 @@ from __future__ import annotations
 from quart import Quart
 from quart_schema import Info, QuartSchema, tag_blueprint
 
-from . import cors, db, errors, idempotency, limits, logs, passwords, server_errors, ws
+from . import compression, cors, db, errors, idempotency, limits, logs, passwords, server_errors, ws
 from .blueprints import auth, ops, projects, tasks
 from .config import Config
 from .jsonio import JSONRequest, ORJSONProvider
@@ -46,6 +46,7 @@ def create_app(config: Config | None = None) -> Quart:
     )
 
     logs.init_app(app)  # first: its hooks wrap everyone else's
+    compression.init_app(app)  # second: its hook runs after every other but the access log's
     schema.init_app(app)
     # quart-schema installs its own JSON provider; responses here are orjson's.
     app.json = ORJSONProvider(app)
