@@ -2,15 +2,17 @@
 
     python -m bench                  # every part: 1,000 users, 2,000 projects, 200,000 tasks,
                                      # then the 10,000 / 1,000,000-task list latency ratio
-    python -m bench --only fanout    # one part (http, fanout or scale); repeatable
+    python -m bench --only fanout    # one part (http, compression, fanout or scale); repeatable
     python -m bench --smoke          # every part tiny, 1 s a load run: CI's check
 
 It creates a fresh database, seeds it with COPY, starts TaskFlow the way the
 Procfile does (hypercorn, uvloop, one worker per core) and the reference
 server beside it, and drives both from separate processes: wrk, an
 open-loop client (bench/arrival.py) and WebSocket subscribers
-(bench/fanout.py). It prints two Markdown tables: the measurements, then the
-targets with whether each is met. It exits non-zero if any request failed.
+(bench/fanout.py); what gzip costs a task page is also timed in this process
+(bench/gzip_cost.py). It prints Markdown tables: the measurements, gzip's cost
+per level, then the targets with whether each is met. It exits non-zero if
+any request failed.
 """
 
 from __future__ import annotations
@@ -26,13 +28,15 @@ from dataclasses import dataclass, field
 
 import httpx
 
+from taskflow.compression import GZIP_LEVEL
 from taskflow.config import normalize_database_url
 
-from .processes import python_module, serve
+from .gzip_cost import GzipCost, gzip_costs
+from .processes import cpu_seconds_of_tree, python_module, serve, server
 from .seed import PASSWORD, Seeded, fresh_database, seed
 from .wrk import Result, wrk
 
-PARTS = ("http", "fanout", "scale")
+PARTS = ("http", "compression", "fanout", "scale")
 UNLIMITED = "1000000000"
 CORES = os.cpu_count() or 1
 LOGIN_CONNECTIONS = 2 * CORES  # enough to keep every core's bcrypt busy
@@ -42,6 +46,7 @@ ARRIVAL_SHARE = 0.7  # of TaskFlow's own maximum list throughput
 FANOUT_WRITES_PER_SECOND = 5
 RATIO_CONNECTIONS = 4
 RATIO_LIST_SHARE = 0.01  # of the tasks, in the listed project, so both sizes fill a page
+GZIP_CPU_GROWTH = 1.05  # at most, TaskFlow's CPU for a list request with gzip over without
 
 
 @dataclass
@@ -53,6 +58,7 @@ class Scale:
     connections: int
     subscribers: int
     ratio_tasks: tuple[int, int]
+    gzip_iterations: int
 
 
 @dataclass
@@ -67,6 +73,8 @@ class Report:
     results: list[Result] = field(default_factory=list)
     targets: list[Target] = field(default_factory=list)
     cache_gains: list[str] = field(default_factory=list)
+    gzip_costs: list[GzipCost] = field(default_factory=list)
+    gzip_note: str = ""
 
 
 def taskflow_env(dsn: str) -> dict[str, str]:
@@ -214,6 +222,58 @@ async def list_at_fixed_arrival_rate(
     )
 
 
+async def compression_part(seeded: Seeded, scale: Scale, report: Report) -> None:
+    """What gzip costs a task page: in this process, at each level, on the
+    list's real body; then the list's req/s asking for gzip beside not, and
+    the CPU its workers spent a request (steadier than req/s when other work
+    shares the machine)."""
+    async with server("wsgi:app", taskflow_env(seeded.dsn), CORES) as (taskflow, pid):
+        token = await log_in(taskflow, seeded.email)
+        page = list_page(taskflow, seeded.list_project)
+        bodies = {}
+        async with httpx.AsyncClient(timeout=60) as http:
+            for coding in ("identity", "gzip"):
+                headers = {"Authorization": f"Bearer {token}", "Accept-Encoding": coding}
+                answer = await http.get(page, headers=headers)
+                if answer.headers.get("Content-Encoding", "identity") != coding:
+                    raise RuntimeError(f"bench: the list page did not come {coding}")
+                bodies[coding] = answer.content
+        # Before any load, while the machine is otherwise idle.
+        report.gzip_costs = gzip_costs(bodies["identity"], scale.gzip_iterations)
+        runs = []
+        cpu_seconds = {"identity": 0.0, "gzip": 0.0}  # TaskFlow's, both rounds
+        requests = {"identity": 0, "gzip": 0}
+        for _ in range(2):  # interleaved, the best kept, as in the http part
+            for coding in ("identity", "gzip"):
+                before = cpu_seconds_of_tree(pid)
+                run = await wrk(f"list tasks, {coding} (TaskFlow)", page, scale.seconds,
+                                scale.connections, token=token,
+                                headers=(f"Accept-Encoding: {coding}",))  # fmt: skip
+                cpu_seconds[coding] += cpu_seconds_of_tree(pid) - before
+                requests[coding] += run.requests
+                runs.append(run)
+    cpu_us = {coding: cpu_seconds[coding] / requests[coding] * 1e6 for coding in requests}
+    best = fastest(runs)
+    identity = best["list tasks, identity (TaskFlow)"]
+    compressed = best["list tasks, gzip (TaskFlow)"]
+    report.results += [identity, compressed]
+    ratio = compressed.requests_per_second / identity.requests_per_second
+    tasks = len(json.loads(bodies["identity"])["items"])
+    report.gzip_note = (
+        f"The page: {tasks} tasks, {len(bodies['identity']):,} bytes of JSON. "
+        f"gzip level {GZIP_LEVEL} on the list: {ratio:.2f}x the req/s of identity, "
+        f"{cpu_us['gzip']:,.0f} µs of TaskFlow's CPU a request against "
+        f"{cpu_us['identity']:,.0f}; "
+        f"~{compressed.bytes_per_response:,.0f} bytes a response on the wire against "
+        f"~{identity.bytes_per_response:,.0f} (headers included)"
+    )
+    growth = cpu_us["gzip"] / cpu_us["identity"]
+    report.targets.append(
+        Target(f"TaskFlow's CPU a list request, gzip (level {GZIP_LEVEL}) / identity"
+               f" ≤ {GZIP_CPU_GROWTH}", f"{growth:.2f}", growth <= GZIP_CPU_GROWTH)
+    )  # fmt: skip
+
+
 async def fanout_part(seeded: Seeded, scale: Scale, report: Report) -> None:
     """Task writes through REST, each delivered to every subscriber on one worker."""
     async with serve("wsgi:app", taskflow_env(seeded.dsn), workers=1) as taskflow:
@@ -275,6 +335,14 @@ def print_tables(report: Report) -> None:
               f"| {result.postgres_us:,.0f} | {result.redis_us:,.0f} |")  # fmt: skip
     if report.cache_gains:
         print("\nThe cache: " + "; ".join(report.cache_gains) + ".")
+    if report.gzip_costs:
+        print("\n| gzip level | µs per page | bytes | of identity |")
+        print("| --- | ---: | ---: | ---: |")
+        for cost in report.gzip_costs:
+            chosen = " (TaskFlow's)" if cost.level == GZIP_LEVEL else ""
+            print(f"| {cost.level}{chosen} | {cost.microseconds:,.0f} | {cost.size:,} "
+                  f"| {cost.size / cost.identity_size:.1%} |")  # fmt: skip
+        print(f"\n{report.gzip_note}.")
     print("\n| target | measured | met |")
     print("| --- | --- | --- |")
     for target in report.targets:
@@ -293,10 +361,11 @@ async def main() -> None:
     args = parser.parse_args()
     scale = (
         Scale(users=10, projects=20, tasks=500, seconds=1, connections=4, subscribers=20,
-              ratio_tasks=(1_000, 2_000))
+              ratio_tasks=(1_000, 2_000), gzip_iterations=20)
         if args.smoke
         else Scale(users=1_000, projects=2_000, tasks=args.tasks, seconds=args.seconds,
-                   connections=50, subscribers=1_000, ratio_tasks=(10_000, 1_000_000))
+                   connections=50, subscribers=1_000, ratio_tasks=(10_000, 1_000_000),
+                   gzip_iterations=2_000)
     )  # fmt: skip
     parts = args.only or PARTS
     if shutil.which("wrk") is None:
@@ -306,11 +375,14 @@ async def main() -> None:
         os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
     ).replace("postgresql+asyncpg://", "postgresql://")
     report = Report()
-    if "http" in parts or "fanout" in parts:
+    if {"http", "compression", "fanout"} & set(parts):
         seeded = await seeded_database(admin, scale, scale.tasks)
         if "http" in parts:
             print("bench: list, get, fixed arrival, create, login, login flood", file=sys.stderr)
             await http_part(seeded, scale, report)
+        if "compression" in parts:
+            print("bench: gzip in process, list with and without gzip", file=sys.stderr)
+            await compression_part(seeded, scale, report)
         if "fanout" in parts:
             print("bench: WebSocket fan-out", file=sys.stderr)
             await fanout_part(seeded, scale, report)

@@ -40,6 +40,21 @@ def cpu_seconds_of(command: str) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def cpu_seconds_of_tree(pid: int) -> float:
+    """CPU time spent so far by process *pid* and its live children (a
+    server's master and its workers)."""
+    ticks = 0
+    for child in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{child}/stat") as stat:
+                values = stat.read().rpartition(") ")[2].split()
+        except OSError:
+            continue  # gone meanwhile
+        if int(child) == pid or int(values[1]) == pid:  # itself, or its parent is
+            ticks += int(values[11]) + int(values[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 @asynccontextmanager
 async def process(*argv: str, **options: Any) -> AsyncIterator[asyncio.subprocess.Process]:
     """A child process, terminated if it is still running when the block ends."""
@@ -71,13 +86,20 @@ async def python_module(module: str, *args: str) -> str:
 @asynccontextmanager
 async def serve(app: str, env: dict[str, str], workers: int) -> AsyncIterator[str]:
     """Hypercorn serving *app* as the Procfile does; yields its base URL once it answers."""
+    async with server(app, env, workers) as (url, _pid):
+        yield url
+
+
+@asynccontextmanager
+async def server(app: str, env: dict[str, str], workers: int) -> AsyncIterator[tuple[str, int]]:
+    """As ``serve``, and the pid of hypercorn's master (its workers are its children)."""
     port = free_port()
     async with process(
         sys.executable, "-m", "hypercorn", "--config", "file:taskflow/hypercorn_config.py", app,
         "--bind", f"127.0.0.1:{port}", "--workers", str(workers),
         env={**os.environ, **env},
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-    ):  # fmt: skip
+    ) as master:  # fmt: skip
         url = f"http://127.0.0.1:{port}"
         async with httpx.AsyncClient() as http:
             for _ in range(400):
@@ -86,4 +108,4 @@ async def serve(app: str, env: dict[str, str], workers: int) -> AsyncIterator[st
                     break
                 except httpx.TransportError:
                     await asyncio.sleep(0.05)
-        yield url
+        yield url, master.pid

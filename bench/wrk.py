@@ -21,6 +21,8 @@ class Result:
     shed: int = 0  # 503s a script counted apart: load refused on purpose
     postgres_us: float = float("nan")  # PostgreSQL's CPU per request, if it runs here
     redis_us: float = float("nan")  # Redis's, likewise
+    bytes_per_response: float = float("nan")  # on the wire, headers included
+    requests: int = 0
 
 
 async def wrk(
@@ -32,12 +34,16 @@ async def wrk(
     token: str | None = None,
     script: str | None = None,
     script_args: tuple[str, ...] = (),
+    headers: tuple[str, ...] = (),
 ) -> Result:
-    """*script* names a Lua file in bench/ (wrk's -s); *script_args* go to its init()."""
+    """*script* names a Lua file in bench/ (wrk's -s); *script_args* go to its
+    init(); *headers* (``"Name: value"``) go with every request."""
     command_line = ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--timeout", "30s",
                     "--latency"]  # fmt: skip
     if token is not None:
         command_line += ["-H", f"Authorization: Bearer {token}"]
+    for header in headers:
+        command_line += ["-H", header]
     if script is not None:
         command_line += ["-s", str(HERE / script)]
     command_line += [url, "--", *script_args]
@@ -67,6 +73,12 @@ async def wrk(
     if re.search(r"\n\s*0 requests in", output):
         errors += 1  # nothing answered in the whole run: that is a failure too
     requests = int(re.search(r"(\d+) requests in", output)[1])  # type: ignore[index]
+    transfer = re.search(r"Transfer/sec:\s+([\d.]+)([KMG]?B)", output)
+    transfer_per_second = (
+        float(transfer[1]) * 1024 ** ("B", "KB", "MB", "GB").index(transfer[2])
+        if transfer
+        else float("nan")
+    )
 
     def per_request_us(seconds: float) -> float:
         # A process that exits meanwhile takes its CPU time along: no figure then.
@@ -75,4 +87,5 @@ async def wrk(
     return Result(
         name, rps, millis("50%"), millis("99%"), errors, int(shed[1]) if shed else 0,
         per_request_us(postgres_seconds), per_request_us(redis_seconds),
+        transfer_per_second / rps if rps else float("nan"), requests,
     )  # fmt: skip
