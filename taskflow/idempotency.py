@@ -181,7 +181,7 @@ async def keep_response(response: Response) -> Response:
     A refusal (a 404, 409, 412, 422…) wrote nothing: its transaction is rolled
     back, the key claimed again and kept alone. 401, 429 and 5xx are not kept.
     """
-    claim: Claim | None = g.pop("idempotency_claim", None)
+    claim: Claim | None = g.idempotency_claim if "idempotency_claim" in g else None
     if claim is None or response.status_code in NEVER_KEPT or response.status_code >= 500:
         return response
     db_session = session()

@@ -9,7 +9,10 @@ not), a name or title must have a character that shows (not only zero-width or
 direction marks), an email must pass email-validator's syntax rules (the
 schema says `format: email`, whose values schemathesis generates its own way:
 quoted local parts, IP-literal domains, special-use domains such as `.test`,
-which email-validator refuses). For the operations where they apply,
+which email-validator refuses). Two more depend on what came before: an
+`If-Match` that names no current version (412), and an `Idempotency-Key`
+that an earlier, different request used (422 `idempotency_key_reused`). For
+the operations where they apply,
 schemathesis.toml adds their 422 to the statuses a schema-valid request may
 get; this check holds each such 422 to exactly those rules: every error it
 reports must be on that field, for that reason (for emails, email-validator
@@ -100,14 +103,25 @@ def _value(case: Any, field: str) -> Any:
     return None
 
 
+def _sent_header(case: Any, name: str) -> bool:
+    return any(key.lower() == name.lower() for key in (case.headers or {}))
+
+
 @schemathesis.check
 def refusals_are_the_contracts(ctx: Any, response: Any, case: Any) -> bool | None:
-    """A schema-valid request's 422 names only a rule the schema cannot state."""
-    rules = UNWRITABLE.get(case.operation.label)
+    """A schema-valid request's 422 names only a rule the schema cannot state;
+    a 412 answers only an If-Match; an `idempotency_key_reused` only a key."""
+    if response.status_code == 412 and not _sent_header(case, "If-Match"):
+        raise AssertionError("A 412 answered a request that sent no If-Match.")
     meta = case.meta
-    if rules is None or response.status_code != 422 or meta is None:
+    if response.status_code != 422 or meta is None or not meta.generation.mode.is_positive:
         return None
-    if not meta.generation.mode.is_positive:
+    if response.json().get("code") == "idempotency_key_reused":
+        if not _sent_header(case, "Idempotency-Key"):
+            raise AssertionError("idempotency_key_reused answered a request that sent no key.")
+        return None
+    rules = UNWRITABLE.get(case.operation.label)
+    if rules is None:
         return None
     errors = response.json().get("errors") or []
     unexplained = [

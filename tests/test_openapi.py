@@ -1,6 +1,7 @@
 """The OpenAPI document agrees with the routes, and /docs renders it offline."""
 
 import asyncio
+import gzip
 import os
 import re
 import shutil
@@ -125,6 +126,14 @@ async def test_docs_page_loads_nothing_from_elsewhere(client: Client) -> None:
         response = await client.get(asset)
         assert response.status_code == 200, asset
         assert len(await response.get_data()) > 1000
+        # Over 1 KiB, so compressed like any other body.
+        packed = await client.get(asset, headers={"Accept-Encoding": "gzip"})
+        assert packed.headers["Content-Encoding"] == "gzip", asset
+        assert gzip.decompress(await packed.get_data()) == await response.get_data()
+        assert packed.headers["Content-Type"] == response.headers["Content-Type"]
+    for elsewhere in ("../__init__.py", "..%2f__init__.py", "nope.js", "/etc/passwd"):
+        missing = await client.get(f"/docs/assets/{elsewhere}")
+        assert missing.status_code == 404, elsewhere
 
 
 # CI installs Chromium; there a missing browser is a failure, not a skip.

@@ -7,7 +7,7 @@ from quart import Quart
 from quart.typing import TestClientProtocol as Client
 from werkzeug.routing import Rule
 
-from .support import problem_of
+from .support import create_user, problem_of
 
 # Routes anyone may call. Everything else must refuse a caller without a token.
 PUBLIC_ENDPOINTS = {
@@ -60,3 +60,28 @@ async def test_every_route_is_rate_limited(app: Quart, client: Client) -> None:
         assert int(response.headers["RateLimit-Limit"]) > 0, (method, url)
         assert "RateLimit-Remaining" in response.headers
         assert "RateLimit-Reset" in response.headers
+
+
+async def test_every_post_and_patch_takes_an_idempotency_key(app: Quart, client: Client) -> None:
+    """A malformed key is a 400 on every one; on every route with a bearer
+    token the first answer is kept, so the key cannot serve another body."""
+    user = await create_user(client)
+    keyed = 0
+    for rule, method, url in http_routes(app):
+        if method not in ("POST", "PATCH"):
+            continue
+        headers = {**user.headers, "Idempotency-Key": "not valid"}
+        response = await client.open(url, method=method, json={}, headers=headers)
+        problem_of(response, await response.get_json(), 400, "invalid_idempotency_key")
+        if rule.endpoint in PUBLIC_ENDPOINTS or rule.endpoint == "auth.logout":
+            continue  # logout: its first answer ends the session the repeat would need
+        key = f"policy-{rule.endpoint}"
+        headers = {**user.headers, "Idempotency-Key": key}
+        first = await client.open(url, method=method, json={"a": 1}, headers=headers)
+        assert first.status_code < 500
+        again = await client.open(url, method=method, json={"a": 1}, headers=headers)
+        assert again.headers.get("Idempotent-Replayed") == "true", (method, url)
+        other = await client.open(url, method=method, json={"a": 2}, headers=headers)
+        problem_of(other, await other.get_json(), 422, "idempotency_key_reused")
+        keyed += 1
+    assert keyed >= 5
