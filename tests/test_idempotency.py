@@ -8,6 +8,7 @@ The races across real processes, and a crash between attempts, are in
 from __future__ import annotations
 
 import asyncio
+import gzip
 import re
 import uuid
 from collections.abc import AsyncIterator
@@ -347,3 +348,19 @@ def test_the_openapi_pattern_states_exactly_the_keys_accepted(value: str) -> Non
     for candidate in (value, f'"{value}"'):
         accepted = parse_key(candidate) is not None
         assert accepted == (re.fullmatch(KEY_PATTERN, candidate) is not None), candidate
+
+
+async def test_the_kept_body_is_the_identity_one_whatever_the_encoding(
+    client: Client, owner: TestUser, project: dict[str, Any]
+) -> None:
+    body = {"title": "Long", "description": "words " * 500}
+    path = f"/projects/{project['id']}/tasks"
+    headers = keyed(owner, "long")
+    first = await client.post(path, json=body, headers={**headers, "Accept-Encoding": "gzip"})
+    assert first.headers["Content-Encoding"] == "gzip"
+    again = await client.post(path, json=body, headers=headers)
+    assert "Content-Encoding" not in again.headers
+    assert await again.get_data() == gzip.decompress(await first.get_data())
+    packed = await client.post(path, json=body, headers={**headers, "Accept-Encoding": "gzip"})
+    assert packed.headers["Idempotent-Replayed"] == "true"
+    assert gzip.decompress(await packed.get_data()) == await again.get_data()
