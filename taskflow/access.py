@@ -19,6 +19,7 @@ from . import cache
 from .db import rows
 from .errors import APIError
 from .models import MemberRole, Project, ProjectMember, Task
+from .tokens import Caller
 
 
 def project_not_found() -> APIError:
@@ -63,25 +64,28 @@ LOCK_PROJECT_OF_TASK = (
 
 
 async def member_role(
-    db_session: AsyncSession, project_id: uuid.UUID, user_id: uuid.UUID
+    db_session: AsyncSession, project_id: uuid.UUID, caller: Caller
 ) -> MemberRole | None:
-    """The user's role in the project, if any, for a read: from the cache."""
+    """The caller's role in the project, if any and within their reach, for a
+    read: from the cache."""
+    if not caller.reaches(project_id):
+        return None
 
     async def load() -> MemberRole | None:
-        params = {"project_id": project_id, "user_id": user_id}
+        params = {"project_id": project_id, "user_id": caller.user_id}
         role: MemberRole | None = (
             await rows(db_session, ROLE_OF_MEMBER, params)
         ).scalar_one_or_none()
         return role
 
-    return await cache.through(role_key(project_id, user_id), load)
+    return await cache.through(role_key(project_id, caller.user_id), load)
 
 
 async def require_member(
-    db_session: AsyncSession, project_id: uuid.UUID, user_id: uuid.UUID
+    db_session: AsyncSession, project_id: uuid.UUID, caller: Caller
 ) -> MemberRole:
     """The caller's role in the project, for a read; a 404 when they are not a member."""
-    role = await member_role(db_session, project_id, user_id)
+    role = await member_role(db_session, project_id, caller)
     if role is None:
         raise project_not_found()
     return role
@@ -104,32 +108,34 @@ class ProjectLock:
 
 
 async def lock_project(
-    db_session: AsyncSession, project_id: uuid.UUID, user_id: uuid.UUID
+    db_session: AsyncSession, project_id: uuid.UUID, caller: Caller
 ) -> ProjectLock:
-    """Lock the project for a write by its member *user_id*; a 404 for anyone else."""
-    params = {"project_id": project_id, "user_id": user_id}
+    """Lock the project for a write by its member *caller*; a 404 for anyone else."""
+    if not caller.reaches(project_id):
+        raise project_not_found()
+    params = {"project_id": project_id, "user_id": caller.user_id}
     locked = (await rows(db_session, LOCK_PROJECT, params)).first() is not None
-    role = await current_role(db_session, project_id, user_id) if locked else None
+    role = await current_role(db_session, project_id, caller) if locked else None
     if role is None:
         raise project_not_found()
     return ProjectLock(project_id, role)
 
 
 async def lock_project_of_task(
-    db_session: AsyncSession, task_id: uuid.UUID, user_id: uuid.UUID
+    db_session: AsyncSession, task_id: uuid.UUID, caller: Caller
 ) -> ProjectLock | None:
-    """Lock the project of the task for a write by its member *user_id*; None
-    when there is no such task or *user_id* is not a member of its project."""
-    params = {"task_id": task_id, "user_id": user_id}
+    """Lock the project of the task for a write by its member *caller*; None
+    when there is no such task or the caller is not a member of its project."""
+    params = {"task_id": task_id, "user_id": caller.user_id}
     project_id = (await rows(db_session, LOCK_PROJECT_OF_TASK, params)).scalar_one_or_none()
     if project_id is None:
         return None
-    role = await current_role(db_session, project_id, user_id)
+    role = await current_role(db_session, project_id, caller)
     return ProjectLock(project_id, role) if role is not None else None
 
 
 async def current_role(
-    db_session: AsyncSession, project_id: uuid.UUID, user_id: uuid.UUID
+    db_session: AsyncSession, project_id: uuid.UUID, caller: Caller
 ) -> MemberRole | None:
     """The user's role in the project as the database has it now, bypassing
     the cache (whose invalidation follows a removal's commit by a moment).
@@ -140,7 +146,9 @@ async def current_role(
     reading the role again in a statement of its own (READ COMMITTED: a new
     snapshot) sees every removal that precedes the write's commit.
     """
-    params = {"project_id": project_id, "user_id": user_id}
+    if not caller.reaches(project_id):
+        return None
+    params = {"project_id": project_id, "user_id": caller.user_id}
     role: MemberRole | None = (await rows(db_session, ROLE_OF_MEMBER, params)).scalar_one_or_none()
     return role
 

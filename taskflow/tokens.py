@@ -34,12 +34,27 @@ class TokenType(StrEnum):
         return "taskflow:api" if self is TokenType.ACCESS else "taskflow:refresh"
 
 
+class Scope(StrEnum):
+    """What a caller may do: an API token's scope (a login may do everything)."""
+
+    READ = "read"
+    WRITE = "write"
+
+
 @dataclass(frozen=True)
 class Caller:
-    """Who a verified token speaks for: a user, through one login session."""
+    """Who a verified token speaks for: a user, through one login session or
+    one API token (whose id is then the session's), with what that token allows."""
 
     user_id: uuid.UUID
     session_id: uuid.UUID
+    scope: Scope = Scope.WRITE
+    # The projects an API token is limited to; None: all of the user's.
+    project_ids: frozenset[uuid.UUID] | None = None
+
+    def reaches(self, project_id: uuid.UUID) -> bool:
+        """Whether the project is within this caller's reach (before membership)."""
+        return self.project_ids is None or project_id in self.project_ids
 
 
 @dataclass(frozen=True)

@@ -343,7 +343,7 @@ class Connection:
             # Short sessions, never two at once: on SQLite each holds the lock.
             async with backends().read_sessionmaker() as db_session:
                 position = await latest_event_id(db_session, project_id)
-                role = await current_role(db_session, project_id, self.user_id)
+                role = await current_role(db_session, project_id, self.caller)
         except BaseException:
             hub_.leave(subscription)
             raise

@@ -52,9 +52,7 @@ class ProjectQuery(RequestModel):
 @responds(Page[ProjectOut])
 async def list_projects(caller: Caller, query_args: ProjectQuery) -> Response:
     """List the projects the caller owns or is a member of, newest first."""
-    page = await projects.project_page(
-        session(), caller.user_id, query_args.limit, query_args.cursor
-    )
+    page = await projects.project_page(session(), caller, query_args.limit, query_args.cursor)
     return json_response(page)
 
 
@@ -85,7 +83,7 @@ async def get_project(caller: Caller, project_id: uuid.UUID) -> Response:
 
     With `If-None-Match` naming the current `ETag`: 304, no body.
     """
-    found = await projects.visible_project(session(), project_id, caller.user_id)
+    found = await projects.visible_project(session(), project_id, caller)
     return not_modified(found.etag) or json_response(found.project, headers={"ETag": found.etag})
 
 
@@ -119,11 +117,9 @@ async def patch_project(caller: Caller, project_id: uuid.UUID, data: ProjectPatc
 
 async def edit_project(caller: Caller, project_id: uuid.UUID, values: dict[str, Any]) -> Response:
     db_session = session()
-    lock = await lock_project(db_session, project_id, caller.user_id)
+    lock = await lock_project(db_session, project_id, caller)
     require_owner(lock, "edit it")
-    updated = await projects.update_project(
-        db_session, lock, caller.user_id, values, IfMatch.of_request()
-    )
+    updated = await projects.update_project(db_session, lock, caller, values, IfMatch.of_request())
     return json_response(updated.project, headers={"ETag": updated.etag})
 
 
@@ -134,9 +130,9 @@ async def edit_project(caller: Caller, project_id: uuid.UUID, values: dict[str, 
 async def delete_project(caller: Caller, project_id: uuid.UUID) -> Response:
     """Delete a project with its tasks, members and events. Owner only; `If-Match` as for PUT."""
     db_session = session()
-    lock = await lock_project(db_session, project_id, caller.user_id)
+    lock = await lock_project(db_session, project_id, caller)
     require_owner(lock, "delete it")
-    await projects.remove_project(db_session, lock, caller.user_id, IfMatch.of_request())
+    await projects.remove_project(db_session, lock, caller, IfMatch.of_request())
     return no_content()
 
 
@@ -160,7 +156,7 @@ class MemberList(BaseModel):
 async def list_members(caller: Caller, project_id: uuid.UUID) -> Response:
     """List a project's members, the owner included, in the order they joined."""
     db_session = session()
-    await require_member(db_session, project_id, caller.user_id)
+    await require_member(db_session, project_id, caller)
     return json_response({"items": await projects.select_members(db_session, project_id)})
 
 
@@ -176,7 +172,7 @@ class MemberAdd(RequestModel):
 async def add_member(caller: Caller, project_id: uuid.UUID, data: MemberAdd) -> Response:
     """Add a registered user by email. Owner only; an unknown email is a 404."""
     db_session = session()
-    lock = await lock_project(db_session, project_id, caller.user_id)
+    lock = await lock_project(db_session, project_id, caller)
     require_owner(lock, "add members")
     member = await projects.insert_member(db_session, lock, caller.user_id, data.email)
     return json_response(member, 201)
@@ -193,7 +189,7 @@ async def remove_member(caller: Caller, project_id: uuid.UUID, user_id: uuid.UUI
     be removed. The removed member's tasks in the project become unassigned.
     """
     db_session = session()
-    lock = await lock_project(db_session, project_id, caller.user_id)
+    lock = await lock_project(db_session, project_id, caller)
     await projects.delete_member(db_session, lock, caller.user_id, user_id)
     return no_content()
 
@@ -227,7 +223,7 @@ async def list_events(caller: Caller, project_id: uuid.UUID, query_args: EventQu
     `next_cursor` is the `since` of the next page, or null on the last one.
     """
     db_session = session()
-    await require_member(db_session, project_id, caller.user_id)
+    await require_member(db_session, project_id, caller)
     page = await event_page(db_session, project_id, query_args.since, query_args.limit)
     next_cursor = str(page.next_since) if page.next_since is not None else None
     return json_response({"items": page.items, "next_cursor": next_cursor})

@@ -117,7 +117,7 @@ class TaskQuery(RequestModel):
 async def list_tasks(caller: Caller, project_id: uuid.UUID, query_args: TaskQuery) -> Response:
     """List a project's tasks: filtered, searched, sorted, and paged by cursor."""
     db_session = session()
-    await require_member(db_session, project_id, caller.user_id)
+    await require_member(db_session, project_id, caller)
     page = await task_page(
         db_session,
         project_id,
@@ -146,7 +146,7 @@ class TaskFields(RequestModel):
 async def create_task(caller: Caller, project_id: uuid.UUID, data: TaskFields) -> Response:
     """Create a task; the assignee, if any, must be a member of the project."""
     db_session = session()
-    lock = await lock_project(db_session, project_id, caller.user_id)
+    lock = await lock_project(db_session, project_id, caller)
     created = await tasks.insert_task(db_session, lock, caller.user_id, data.model_dump())
     headers = {"Location": f"/tasks/{created.task['id']}", "ETag": created.etag}
     return json_response(created.task, 201, headers)
@@ -161,7 +161,7 @@ async def get_task(caller: Caller, task_id: uuid.UUID) -> Response:
 
     With `If-None-Match` naming the current `ETag`: 304, no body.
     """
-    document = await tasks.read_task(session(), task_id, caller.user_id)
+    document = await tasks.read_task(session(), task_id, caller)
     return not_modified(document.etag) or json_response(
         document.body, headers={"ETag": document.etag}
     )
@@ -202,7 +202,7 @@ async def patch_task(caller: Caller, task_id: uuid.UUID, data: TaskPatch) -> Res
 
 async def edit_task(caller: Caller, task_id: uuid.UUID, values: dict[str, object]) -> Response:
     if_match = IfMatch.of_request()
-    updated = await tasks.update_task(session(), task_id, caller.user_id, values, if_match)
+    updated = await tasks.update_task(session(), task_id, caller, values, if_match)
     return json_response(updated.task, headers={"ETag": updated.etag})
 
 
@@ -213,5 +213,5 @@ async def edit_task(caller: Caller, task_id: uuid.UUID, values: dict[str, object
 async def delete_task(caller: Caller, task_id: uuid.UUID) -> Response:
     """Delete a task (honouring `If-Match`)."""
     if_match = IfMatch.of_request()
-    await tasks.remove_task(session(), task_id, caller.user_id, if_match)
+    await tasks.remove_task(session(), task_id, caller, if_match)
     return no_content()

@@ -22,6 +22,7 @@ from ..errors import APIError
 from ..models import MemberRole, Project, ProjectMember, Task, User
 from ..pagination import Paged, decode_cursor, encode_cursor, invalid_cursor
 from ..preconditions import IfMatch, etag
+from ..tokens import Caller
 from .accounts import find_user_by_email
 from .events import EventKind, record_event
 from .tasks import task_key
@@ -64,12 +65,16 @@ PROJECT_FIELD_NAMES = tuple(column.key for column in PROJECT_FIELDS)
 MEMBER_FIELDS = (ProjectMember.user_id, User.email, ProjectMember.role, ProjectMember.added_at)
 
 
-def projects_of(user_id: uuid.UUID) -> AnySelect:
-    """The projects *user_id* is a member of: the scope of every project read."""
-    return select(*PROJECT_FIELDS).join(
+def projects_of(caller: Caller) -> AnySelect:
+    """The projects the caller is a member of, within their reach: the scope
+    of every project read."""
+    query = select(*PROJECT_FIELDS).join(
         ProjectMember,
-        and_(ProjectMember.project_id == Project.id, ProjectMember.user_id == user_id),
+        and_(ProjectMember.project_id == Project.id, ProjectMember.user_id == caller.user_id),
     )
+    if caller.project_ids is not None:
+        query = query.where(Project.id.in_(caller.project_ids))
+    return query
 
 
 def project_data(project: ProjectRecord) -> ProjectData:
@@ -96,10 +101,10 @@ class VersionedProject:
 
 
 async def visible_project(
-    db_session: AsyncSession, project_id: uuid.UUID, user_id: uuid.UUID
+    db_session: AsyncSession, project_id: uuid.UUID, caller: Caller
 ) -> VersionedProject:
-    """The project as its member *user_id* sees it, or a 404."""
-    query = projects_of(user_id).add_columns(Project.version).where(Project.id == project_id)
+    """The project as its member *caller* sees it, or a 404."""
+    query = projects_of(caller).add_columns(Project.version).where(Project.id == project_id)
     row = (await db_session.execute(query)).first()
     if row is None:
         raise project_not_found()
@@ -109,11 +114,11 @@ async def visible_project(
 
 
 async def project_page(
-    db_session: AsyncSession, user_id: uuid.UUID, limit: int, cursor: str | None
+    db_session: AsyncSession, caller: Caller, limit: int, cursor: str | None
 ) -> Paged[ProjectRecord]:
-    """The projects *user_id* is a member of, newest first."""
-    scope = f"projects:{user_id}"
-    query = projects_of(user_id).order_by(Project.created_at.desc(), Project.id.desc())
+    """The projects the caller is a member of (within reach), newest first."""
+    scope = f"projects:{caller.user_id}"
+    query = projects_of(caller).order_by(Project.created_at.desc(), Project.id.desc())
     if cursor is not None:
         created_at, last_id = decode_position(decode_cursor(cursor, scope))
         query = query.where(tuple_(Project.created_at, Project.id) < (created_at, last_id))
@@ -170,19 +175,19 @@ async def insert_project(
 async def update_project(
     db_session: AsyncSession,
     lock: ProjectLock,
-    user_id: uuid.UUID,
+    caller: Caller,
     values: dict[str, Any],
     if_match: IfMatch,
 ) -> VersionedProject:
     """Set the project's fields in *values* (name, description)."""
-    current = await visible_project(db_session, lock.project_id, user_id)
+    current = await visible_project(db_session, lock.project_id, caller)
     if_match.check(current.version, "project")
     await db_session.execute(
         update(Project)
         .where(Project.id == lock.project_id)
         .values(**values, version=Project.version + 1, updated_at=datetime.now(UTC))
     )
-    updated = await visible_project(db_session, lock.project_id, user_id)
+    updated = await visible_project(db_session, lock.project_id, caller)
     before, after = current.project, updated.project
     changes = {
         key: [before[key], after[key]]  # type: ignore[literal-required]
@@ -190,21 +195,21 @@ async def update_project(
         if before[key] != after[key]  # type: ignore[literal-required]
     }
     await record_event(
-        db_session, lock, EventKind.PROJECT_UPDATED, user_id, project_data(after), changes
+        db_session, lock, EventKind.PROJECT_UPDATED, caller.user_id, project_data(after), changes
     )
     return updated
 
 
 async def remove_project(
-    db_session: AsyncSession, lock: ProjectLock, user_id: uuid.UUID, if_match: IfMatch
+    db_session: AsyncSession, lock: ProjectLock, caller: Caller, if_match: IfMatch
 ) -> None:
     """Delete the project with its tasks, members and events."""
-    current = await visible_project(db_session, lock.project_id, user_id)
+    current = await visible_project(db_session, lock.project_id, caller)
     if_match.check(current.version, "project")
     # The event row goes with the project (its log is deleted too); it is
     # still published to the project's live subscribers after the commit.
     await record_event(
-        db_session, lock, EventKind.PROJECT_DELETED, user_id, project_data(current.project)
+        db_session, lock, EventKind.PROJECT_DELETED, caller.user_id, project_data(current.project)
     )
     members = await db_session.execute(
         delete(ProjectMember)

@@ -23,6 +23,7 @@ from ..errors import APIError, validation_failed
 from ..jsonio import dumps
 from ..models import ProjectMember, Task, TaskStatus
 from ..preconditions import IfMatch, etag
+from ..tokens import Caller
 from .events import EventKind, record_event
 
 
@@ -112,10 +113,8 @@ def task_not_found() -> APIError:
 TASK_BY_ID = select(*TASK_FIELDS, Task.version).where(Task.id == bindparam("task_id"))
 
 
-async def read_task(
-    db_session: AsyncSession, task_id: uuid.UUID, user_id: uuid.UUID
-) -> TaskDocument:
-    """The task, if *user_id* is a member of its project; else a 404."""
+async def read_task(db_session: AsyncSession, task_id: uuid.UUID, caller: Caller) -> TaskDocument:
+    """The task, if the caller is a member of its project; else a 404."""
 
     async def load() -> TaskDocument | None:
         row = (await rows(db_session, TASK_BY_ID, {"task_id": task_id})).first()
@@ -124,17 +123,17 @@ async def read_task(
         return TaskDocument(row.project_id, row.version, dumps(task_record(row)))
 
     document = await cache.through(task_key(task_id), load)
-    if document is None or not await member_role(db_session, document.project_id, user_id):
+    if document is None or not await member_role(db_session, document.project_id, caller):
         raise task_not_found()
     return document
 
 
 async def lock_task(
-    db_session: AsyncSession, task_id: uuid.UUID, user_id: uuid.UUID, if_match: IfMatch
+    db_session: AsyncSession, task_id: uuid.UUID, caller: Caller, if_match: IfMatch
 ) -> tuple[ProjectLock, AnyRow]:
     """The task about to be written, with its project's lock, after checking
-    *if_match* against it; a 404 unless *user_id* is a member of its project."""
-    lock = await lock_project_of_task(db_session, task_id, user_id)
+    *if_match* against it; a 404 unless the caller is a member of its project."""
+    lock = await lock_project_of_task(db_session, task_id, caller)
     # Read once the lock is held: a write that committed while this one
     # waited for it is seen, so If-Match and the event's changes are true.
     row = (await rows(db_session, TASK_BY_ID, {"task_id": task_id})).first() if lock else None
@@ -186,12 +185,12 @@ async def insert_task(
 async def update_task(
     db_session: AsyncSession,
     task_id: uuid.UUID,
-    user_id: uuid.UUID,
+    caller: Caller,
     values: dict[str, Any],
     if_match: IfMatch,
 ) -> VersionedTask:
     """Set the task's fields in *values*."""
-    lock, current = await lock_task(db_session, task_id, user_id, if_match)
+    lock, current = await lock_task(db_session, task_id, caller, if_match)
     if values.get("assignee_id") is not None:
         await ensure_assignable(db_session, lock.project_id, values["assignee_id"])
     row = (
@@ -208,15 +207,17 @@ async def update_task(
         for field in WRITABLE_FIELDS
         if before[field] != after[field]  # type: ignore[literal-required]
     }
-    await record_event(db_session, lock, EventKind.TASK_UPDATED, user_id, after, changes)
+    await record_event(db_session, lock, EventKind.TASK_UPDATED, caller.user_id, after, changes)
     after_commit(db_session, cache.invalidate, task_key(task_id))
     return VersionedTask(after, row.version)
 
 
 async def remove_task(
-    db_session: AsyncSession, task_id: uuid.UUID, user_id: uuid.UUID, if_match: IfMatch
+    db_session: AsyncSession, task_id: uuid.UUID, caller: Caller, if_match: IfMatch
 ) -> None:
-    lock, current = await lock_task(db_session, task_id, user_id, if_match)
+    lock, current = await lock_task(db_session, task_id, caller, if_match)
     await db_session.execute(delete(Task).where(Task.id == task_id))
-    await record_event(db_session, lock, EventKind.TASK_DELETED, user_id, task_record(current))
+    await record_event(
+        db_session, lock, EventKind.TASK_DELETED, caller.user_id, task_record(current)
+    )
     after_commit(db_session, cache.invalidate, task_key(task_id))
