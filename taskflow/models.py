@@ -79,6 +79,11 @@ class TaskStatus(enum.StrEnum):
     COMPLETED = "completed"
 
 
+class TokenScope(enum.StrEnum):
+    READ = "read"
+    WRITE = "write"
+
+
 class MemberRole(enum.StrEnum):
     OWNER = "owner"
     MEMBER = "member"
@@ -115,6 +120,28 @@ class AuthSession(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     expires_at: Mapped[datetime]
     revoked_at: Mapped[datetime | None]
+
+
+class ApiToken(Base):
+    """A long-lived token for scripts and integrations: only its hash is kept.
+
+    Its id serves as its login session's would: the session check (a Redis
+    mark, else this table) is how a deleted token is refused everywhere."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    user_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), index=True
+    )
+    name: Mapped[str] = mapped_column(String(100))
+    scope: Mapped[TokenScope] = mapped_column(_enum(TokenScope, "token_scope"))
+    # The projects it is limited to (ids as strings); null: all of the user's.
+    project_ids: Mapped[list[str] | None] = mapped_column(JSONDocument)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)  # SHA-256
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime]
+    last_used_at: Mapped[datetime | None]
 
 
 class Project(Base):

@@ -86,6 +86,7 @@ def test_models_cover_every_table_of_the_contract() -> None:
         "tasks",
         "events",
         "idempotency_keys",
+        "api_tokens",
     }
 
 
