@@ -21,7 +21,10 @@ schema = QuartSchema(
     redoc_ui_path=None,
     scalar_ui_path=None,
     swagger_ui_path="/docs",
-    security_schemes={BEARER: {"type": "http", "scheme": "bearer", "bearer_format": "JWT"}},
+    # A login's access token, or an API token (bearerFormat is a hint only).
+    security_schemes={
+        BEARER: {"type": "http", "scheme": "bearer", "bearer_format": "JWT or tfp_ API token"}
+    },
 )
 
 

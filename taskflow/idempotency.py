@@ -17,6 +17,11 @@ so a repeat waits for the first request to finish and gets its replay.
 
 Kept keys expire after ``KEEP_FOR``; each request that keeps one deletes a
 batch of expired ones, so the table needs no cron.
+
+A response that carries a secret (a new API token, a webhook's signing
+secret) is never kept: TaskFlow stores no secret it could hand back. Such
+routes (``answers_with_a_secret``), like those without a bearer token, check
+a key's form and keep nothing.
 """
 
 from __future__ import annotations
@@ -24,8 +29,10 @@ from __future__ import annotations
 import hashlib
 import re
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
 
 from quart import Quart, Response, current_app, g, request
 from sqlalchemy import bindparam, delete, func, insert, select, tuple_
@@ -36,6 +43,7 @@ from .errors import APIError
 from .models import IdempotencyKey
 from .security import REQUIRES_AUTH_ATTRIBUTE, request_caller
 
+KEEPS_NO_RESPONSE_ATTRIBUTE = "_taskflow_keeps_no_response"
 KEY_HEADER = "Idempotency-Key"
 REPLAYED_HEADER = "Idempotent-Replayed"
 KEYED_METHODS = ("POST", "PATCH")
@@ -49,6 +57,24 @@ IN_PROGRESS_RETRY_AFTER_SECONDS = 1
 VISIBLE_ASCII = re.compile(r"[\x21-\x7e]{1,255}")
 # An RFC 8941 string: printable ASCII, with `"` and `\` escaped by a backslash.
 QUOTED = re.compile(r'"((?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\["\\])*)"')
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def answers_with_a_secret(view: F) -> F:
+    """Mark a route whose response carries a secret: its key is never kept."""
+    setattr(view, KEEPS_NO_RESPONSE_ATTRIBUTE, True)
+    return view
+
+
+def keeps_responses(view: Callable[..., Any] | None, method: str) -> bool:
+    """Whether a request to *view* with a key has its response kept."""
+    return (
+        method.upper() in KEYED_METHODS
+        and getattr(view, REQUIRES_AUTH_ATTRIBUTE, False)
+        and not getattr(view, KEEPS_NO_RESPONSE_ATTRIBUTE, False)
+    )
 
 
 def key_of_request() -> str | None:
@@ -150,7 +176,7 @@ async def claim_key() -> Response | None:
         return None
     key = key_of_request()
     view = current_app.view_functions.get(request.endpoint or "")
-    if key is None or not getattr(view, REQUIRES_AUTH_ATTRIBUTE, False):
+    if key is None or not keeps_responses(view, request.method):
         return None  # see the README: the routes without a bearer token keep nothing
     caller = await request_caller()
     if caller is None:

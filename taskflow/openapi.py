@@ -25,8 +25,8 @@ from quart_schema.validation import (
 )
 from werkzeug.routing import Rule
 
-from .idempotency import KEY_HEADER, KEYED_METHODS, REPLAYED_HEADER
-from .security import REQUIRES_AUTH_ATTRIBUTE
+from .idempotency import KEY_HEADER, KEYED_METHODS, REPLAYED_HEADER, keeps_responses
+from .security import LOGIN_ONLY_ATTRIBUTE, REQUIRES_AUTH_ATTRIBUTE
 
 DOCUMENTED_ERRORS_ATTRIBUTE = "_taskflow_documented_errors"
 RESPONSES_ATTRIBUTE = "_taskflow_responses"
@@ -158,17 +158,17 @@ def takes_idempotency_key(method: str) -> bool:
     return method.upper() in KEYED_METHODS
 
 
-def keeps_idempotency_key(view: Callable[..., Any], method: str) -> bool:
-    return takes_idempotency_key(method) and getattr(view, REQUIRES_AUTH_ATTRIBUTE, False)
-
-
 def error_statuses(view: Callable[..., Any], rule: Rule, method: str) -> set[int]:
     statuses = set(EVERY_ROUTE) | set(getattr(view, DOCUMENTED_ERRORS_ATTRIBUTE, ()))
     if getattr(view, REQUIRES_AUTH_ATTRIBUTE, False):
         statuses.add(401)
+        if method.upper() not in ("GET", "HEAD"):
+            statuses.add(403)  # a read-only API token
+    if getattr(view, LOGIN_ONLY_ATTRIBUTE, False):
+        statuses.add(403)
     if takes_idempotency_key(method):
         statuses.add(400)
-    if keeps_idempotency_key(view, method):
+    if keeps_responses(view, method):
         statuses |= {409, 422}
     if getattr(view, QUART_SCHEMA_REQUEST_ATTRIBUTE, None) is not None:
         statuses |= {400, 413, 415, 422}
@@ -249,7 +249,7 @@ class TaskFlowOpenAPIProvider(OpenAPIProvider):
                     operation["security"] = [{BEARER: []}]
                 parameters = list(operation.get("parameters", []))
                 if takes_idempotency_key(method):
-                    keeps = keeps_idempotency_key(view, method)
+                    keeps = keeps_responses(view, method)
                     parameters.append({**KEY_PARAMETER, "description": key_description(keeps)})
                 if 412 in statuses:
                     parameters.append(IF_MATCH)
@@ -274,7 +274,7 @@ class TaskFlowOpenAPIProvider(OpenAPIProvider):
             else:
                 response, models = self.build_response_object(model, None)
                 components.update(models)
-            names = [*headers, *([REPLAYED_HEADER] if keeps_idempotency_key(view, method) else [])]
+            names = [*headers, *([REPLAYED_HEADER] if keeps_responses(view, method) else [])]
             if names:
                 response = {**response, "headers": {name: RESPONSE_HEADERS[name] for name in names}}
             links = LINKS.get((rule.endpoint, status))
@@ -295,5 +295,5 @@ def key_description(kept: bool) -> str:
         )
     return (
         "Checked (a malformed key is a 400) but not kept: this route's response is or "
-        "makes a credential, which TaskFlow never stores; see the README."
+        "makes a credential or a secret, which TaskFlow never stores; see the README."
     )

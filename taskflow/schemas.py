@@ -119,6 +119,9 @@ Visible = AfterValidator(_visible)
 ProjectName = Annotated[
     str, Trimmed, StringConstraints(max_length=200), NoNul, Visible, _trimmed(200)
 ]
+TokenName = Annotated[
+    str, Trimmed, StringConstraints(max_length=100), NoNul, Visible, _trimmed(100)
+]
 TaskTitle = Annotated[
     str, Trimmed, StringConstraints(max_length=500), NoNul, Visible, _trimmed(500)
 ]

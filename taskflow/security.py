@@ -6,29 +6,49 @@ token must verify, and its login session must still be live. Logout and
 refresh-token reuse revoke a session; the check runs on every request, from
 Redis when it is configured (falling back to the database when Redis does not
 answer) and from the database otherwise.
+
+An API token (``tfp_…``) is a session of its own: what it stands for (user,
+scope, projects, expiry) never changes while it lives, so each process keeps
+it once read (``_known_tokens``), and its deletion is a revocation like a
+logout's, seen by the same session check. Its hot path is a JWT's: no query.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from quart import current_app, g, request
 from werkzeug.datastructures import Headers
 
-from .data import accounts
-from .db import backends
-from .errors import APIError
+from .data import accounts, api_tokens
+from .db import READ_METHODS, backends
+from .errors import APIError, is_unavailable
 from .redis_gate import RedisUnavailable
-from .tokens import ACCESS_TOKEN_LIFETIME, Caller, TokenType, verify_token
+from .tokens import (
+    ACCESS_TOKEN_LIFETIME,
+    API_TOKEN_PREFIX,
+    Caller,
+    Scope,
+    TokenType,
+    is_api_token,
+    token_hash,
+    verify_token,
+)
 
 # A session known revoked stays so in Redis for longer than any access token
 # of it can live; a live one is re-read from the database now and then.
 REVOKED_MARK_SECONDS = int(ACCESS_TOKEN_LIFETIME.total_seconds()) + 60
 LIVE_MARK_SECONDS = 60
+# An API token's last use is written at most once a minute, by one instance.
+LAST_USE_SECONDS = 60
+KNOWN_TOKENS = 4096
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +73,70 @@ def bearer_token(headers: Headers) -> str | None:
 
 
 async def authenticate(token: str) -> Caller:
-    """The caller an access token speaks for; a 401 unless the token is valid
-    and its session live."""
+    """The caller an access token or API token speaks for; a 401 unless the
+    token is valid and its session live."""
+    if token.startswith(API_TOKEN_PREFIX):
+        caller = await api_token_caller(token)
+        await require_live_session(caller)
+        await note_token_use(caller.session_id)
+        return caller
     caller = verify_token(token, TokenType.ACCESS, secret_key())
     await require_live_session(caller)
     return caller
+
+
+# API tokens
+
+_known_tokens: OrderedDict[str, api_tokens.KnownToken] = OrderedDict()
+_uses_noted: dict[uuid.UUID, float] = {}
+
+
+async def api_token_caller(token: str) -> Caller:
+    """The caller of an API token: a 401 unless it is well formed, known and unexpired."""
+    if not is_api_token(token):
+        raise APIError(401, "unauthorized", "The token is not valid.")
+    presented = token_hash(token)
+    known = _known_tokens.get(presented)
+    if known is None:
+        async with backends().read_sessionmaker() as db_session:
+            known = await api_tokens.find_token(db_session, presented)
+        if known is None:
+            raise APIError(401, "unauthorized", "The token is not valid.")
+        _known_tokens[presented] = known
+        if len(_known_tokens) > KNOWN_TOKENS:
+            _known_tokens.popitem(last=False)
+    if datetime.now(UTC) >= known.expires_at:
+        raise APIError(401, "token_expired", "The token has expired.")
+    return known.caller
+
+
+async def note_token_use(token_id: uuid.UUID) -> None:
+    """Write the token's ``last_used_at`` if no instance did in the last minute:
+    this process remembers when it last did, and Redis (when it answers)
+    lets one instance of all do it."""
+    now = time.monotonic()
+    if now - _uses_noted.get(token_id, -LAST_USE_SECONDS) < LAST_USE_SECONDS:
+        return
+    if len(_uses_noted) > KNOWN_TOKENS:
+        _uses_noted.clear()
+    _uses_noted[token_id] = now
+    key = f"taskflow:token-used:{token_id}"
+    try:
+        first = await backends().redis.call(
+            lambda r: r.set(key, b"1", nx=True, ex=LAST_USE_SECONDS)
+        )
+    except RedisUnavailable:
+        first = True
+    if not first:
+        return
+    try:
+        async with backends().sessionmaker() as db_session:
+            await api_tokens.note_use(db_session, token_id)
+            await db_session.commit()
+    except Exception as error:
+        if not is_unavailable(error):
+            raise
+        log.warning("an API token's last use was not recorded: the database is unavailable")
 
 
 async def request_caller() -> Caller | None:
@@ -146,14 +225,34 @@ REQUIRES_AUTH_ATTRIBUTE = "_taskflow_requires_auth"
 
 def require_auth(view: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
     """Refuse the request with 401 unless it carries a valid access token of a
-    live session; pass the caller to the view as ``caller``."""
+    live session, or a valid API token, and with 403 a read-only token's
+    request to write; pass the caller to the view as ``caller``."""
 
     @functools.wraps(view)
     async def wrapper(*args: Any, **kwargs: Any) -> R:
         caller = await request_caller()
         if caller is None:
             raise APIError(401, "unauthorized", "Authentication is required.")
+        if caller.scope is Scope.READ and request.method not in READ_METHODS:
+            raise APIError(403, "forbidden", "This API token may only read.")
         return await view(*args, caller=caller, **kwargs)
 
     setattr(wrapper, REQUIRES_AUTH_ATTRIBUTE, True)
+    return wrapper
+
+
+LOGIN_ONLY_ATTRIBUTE = "_taskflow_login_only"
+
+
+def login_only(view: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
+    """Refuse API tokens with 403 (under ``require_auth``): what only a login
+    may do, such as managing tokens or logging out."""
+
+    @functools.wraps(view)
+    async def wrapper(*args: Any, caller: Caller, **kwargs: Any) -> R:
+        if caller.api_token:
+            raise APIError(403, "forbidden", "An API token cannot do this; log in.")
+        return await view(*args, caller=caller, **kwargs)
+
+    setattr(wrapper, LOGIN_ONLY_ATTRIBUTE, True)
     return wrapper

@@ -1,13 +1,17 @@
 """Access and refresh tokens: JWTs (HS256) told apart by their ``typ`` header
-and audience (RFC 8725), each naming its user and its login session."""
+and audience (RFC 8725), each naming its user and its login session; and API
+tokens: random, ``tfp_``-prefixed and checksummed, known to the server only
+by their hash."""
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import re
 import secrets
 import time
 import uuid
+import zlib
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -51,6 +55,7 @@ class Caller:
     scope: Scope = Scope.WRITE
     # The projects an API token is limited to; None: all of the user's.
     project_ids: frozenset[uuid.UUID] | None = None
+    api_token: bool = False
 
     def reaches(self, project_id: uuid.UUID) -> bool:
         """Whether the project is within this caller's reach (before membership)."""
@@ -124,3 +129,35 @@ def _verified(token: str, token_type: TokenType, secret_key: str) -> tuple[Calle
         raise APIError(401, "token_expired", "The token has expired.") from None
     except (jwt.InvalidTokenError, ValueError, TypeError, KeyError):
         raise APIError(401, "unauthorized", "The token is not valid.") from None
+
+
+# API tokens: `tfp_`, 32 random base62 characters (190 bits), and 6 more of a
+# CRC-32 of those, so that a secret scanner can tell a TaskFlow token from
+# random text without asking the server (GitHub's scheme).
+API_TOKEN_PREFIX = "tfp_"  # noqa: S105  # nosec B105: a prefix, not a secret
+BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+RANDOM_CHARACTERS = 32
+CHECKSUM_CHARACTERS = 6
+API_TOKEN_SHAPE = re.compile(
+    rf"{API_TOKEN_PREFIX}([0-9A-Za-z]{{{RANDOM_CHARACTERS}}})([0-9A-Za-z]{{{CHECKSUM_CHARACTERS}}})"
+)
+
+
+def _checksum(random_part: str) -> str:
+    value = zlib.crc32(random_part.encode())
+    digits = []
+    for _ in range(CHECKSUM_CHARACTERS):
+        value, digit = divmod(value, 62)
+        digits.append(BASE62[digit])
+    return "".join(reversed(digits))
+
+
+def new_api_token() -> str:
+    random_part = "".join(secrets.choice(BASE62) for _ in range(RANDOM_CHARACTERS))
+    return f"{API_TOKEN_PREFIX}{random_part}{_checksum(random_part)}"
+
+
+def is_api_token(token: str) -> bool:
+    """Whether *token* is an API token, well formed (its checksum right)."""
+    shape = API_TOKEN_SHAPE.fullmatch(token)
+    return shape is not None and _checksum(shape.group(1)) == shape.group(2)

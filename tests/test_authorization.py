@@ -31,6 +31,7 @@ class World:
     newcomer: TestUser
     project: dict[str, Any]
     task: dict[str, Any]
+    token_id: str  # an API token of the owner's
 
     def caller(self, role: str) -> TestUser | None:
         return None if role == "anonymous" else getattr(self, role)
@@ -42,7 +43,20 @@ async def build_world(client: Client) -> World:
     await add_member(client, project, owner, member)
     await add_member(client, project, owner, other_member)
     task = await create_task(client, project, member)
-    return World(owner, member, other_member, stranger, newcomer, project, task)
+    token = await create_api_token(client, owner, "read")
+    return World(owner, member, other_member, stranger, newcomer, project, task, token["id"])
+
+
+async def create_api_token(
+    client: Client, user: TestUser, scope: str, project_ids: list[str] | None = None
+) -> dict[str, Any]:
+    body: dict[str, Any] = {"name": f"{scope} token", "scope": scope}
+    if project_ids is not None:
+        body["project_ids"] = project_ids
+    response = await client.post("/auth/tokens", json=body, headers=user.headers)
+    assert response.status_code == 201, await response.get_json()
+    token: dict[str, Any] = await response.get_json()
+    return token
 
 
 def body_for(endpoint: str, world: World) -> Any:
@@ -57,6 +71,7 @@ def body_for(endpoint: str, world: World) -> Any:
         "tasks.create_task": {"title": "New task"},
         "tasks.replace_task": {"title": "Replaced"},
         "tasks.patch_task": {"status": "completed"},
+        "auth.create_token": {"name": "CI", "scope": "write"},
     }.get(endpoint)
 
 
@@ -65,6 +80,7 @@ def url_for(rule: str, world: World) -> str:
         rule.replace("<uuid:project_id>", world.project["id"])
         .replace("<uuid:task_id>", world.task["id"])
         .replace("<uuid:user_id>", world.other_member.id)
+        .replace("<uuid:token_id>", world.token_id)
         .replace("<path:filename>", "swagger-ui.css")
     )
 
@@ -73,6 +89,8 @@ EVERYONE = dict.fromkeys(ROLES, 200)
 SIGNED_IN = {"owner": 200, "member": 200, "stranger": 200, "anonymous": 401}
 MEMBERS = {"owner": 200, "member": 200, "stranger": 404, "anonymous": 401}
 OWNER_ONLY = {"owner": 200, "member": 403, "stranger": 404, "anonymous": 401}
+# The owner's API token: anyone else's id is a 404.
+NOT_YOURS = {"owner": 204, "member": 404, "stranger": 404, "anonymous": 401}
 
 
 def with_success(statuses: dict[str, int], success: int) -> dict[str, int]:
@@ -91,6 +109,9 @@ MATRIX: dict[tuple[str, str], dict[str, int]] = {
     ("auth.refresh", "POST"): EVERYONE,
     ("auth.logout", "POST"): with_success(SIGNED_IN, 204),
     ("auth.me", "GET"): SIGNED_IN,
+    ("auth.create_token", "POST"): with_success(SIGNED_IN, 201),
+    ("auth.list_tokens", "GET"): SIGNED_IN,
+    ("auth.delete_token", "DELETE"): NOT_YOURS,
     ("projects.list_projects", "GET"): SIGNED_IN,
     ("projects.create_project", "POST"): with_success(SIGNED_IN, 201),
     ("projects.get_project", "GET"): MEMBERS,
@@ -140,3 +161,49 @@ async def test_authorization_matrix(app: Quart, client: Client) -> None:
             assert response.status_code == expected, (endpoint, method, role)
             if expected >= 400:
                 assert await snapshot(app) == before, (endpoint, method, role)
+
+
+# The same routes called with an API token of the owner's instead of a login:
+# a write token may do what the login may, but not what only a login may; a
+# read token only reads; a token limited to another project finds nothing of
+# this one and cannot create projects.
+LOGIN_ONLY = {("auth.logout", "POST"), ("auth.create_token", "POST"),
+              ("auth.list_tokens", "GET"), ("auth.delete_token", "DELETE")}  # fmt: skip
+PUBLIC = {endpoint for (endpoint, _), row in MATRIX.items() if row["anonymous"] != 401}
+
+
+def with_token(kind: str, endpoint: str, method: str) -> int:
+    owner = MATRIX[(endpoint, method)]["owner"]
+    if endpoint in PUBLIC:
+        return owner  # a bearer token changes nothing there
+    if (endpoint, method) in LOGIN_ONLY:
+        return 403
+    if kind == "read":
+        return owner if method == "GET" else 403
+    if kind == "elsewhere":
+        if (endpoint, method) == ("projects.create_project", "POST"):
+            return 403
+        if "project" in endpoint or endpoint.startswith("tasks."):
+            return owner if endpoint == "projects.list_projects" else 404
+    return owner
+
+
+async def test_api_tokens_matrix(app: Quart, client: Client) -> None:
+    for (endpoint, method), rule in sorted(served_routes(app).items()):
+        for kind in ("write", "read", "elsewhere"):
+            world = await build_world(client)
+            if kind == "elsewhere":
+                other = await create_project(client, world.owner, "Elsewhere")
+                token = await create_api_token(client, world.owner, "write", [other["id"]])
+            else:
+                token = await create_api_token(client, world.owner, kind)
+            bearer = {"Authorization": f"Bearer {token['token']}"}
+            await client.get("/auth/me", headers=bearer)  # its last use noted, for a minute
+            before = await snapshot(app)
+            response = await client.open(
+                url_for(rule, world), method=method, json=body_for(endpoint, world), headers=bearer
+            )
+            expected = with_token(kind, endpoint, method)
+            assert response.status_code == expected, (endpoint, method, kind)
+            if expected >= 400:
+                assert await snapshot(app) == before, (endpoint, method, kind)

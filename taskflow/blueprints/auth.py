@@ -1,4 +1,4 @@
-"""Authentication: register, login, refresh, logout, me."""
+"""Authentication: register, login, refresh, logout, me; and API tokens."""
 
 from __future__ import annotations
 
@@ -11,11 +11,13 @@ from quart import Blueprint, Response
 from quart_rate_limiter import rate_limit
 from quart_schema import validate_request
 
-from ..data import accounts
+from ..data import accounts, api_tokens
 from ..db import after_commit, commit_even_if_refused, session
 from ..errors import APIError
+from ..idempotency import answers_with_a_secret
 from ..jsonio import json_response, no_content
 from ..limits import AUTH_LIMITS
+from ..models import TokenScope
 from ..openapi import documents, responds
 from ..passwords import (
     BCRYPT_MAX_BYTES,
@@ -23,9 +25,9 @@ from ..passwords import (
     has_control_characters,
     hasher,
 )
-from ..schemas import Email
-from ..security import forget_revoked_session, require_auth, secret_key
-from ..tokens import Caller, IssuedTokens, TokenType, token_hash, verify_token
+from ..schemas import Email, RequestModel, TokenName
+from ..security import forget_revoked_session, login_only, require_auth, secret_key
+from ..tokens import API_TOKEN_PREFIX, Caller, IssuedTokens, TokenType, token_hash, verify_token
 
 blueprint = Blueprint("auth", __name__, url_prefix="/auth")
 
@@ -147,6 +149,8 @@ async def refresh(data: RefreshRequest) -> Response:
     nothing else happens; later, it is taken as theft: the whole session is
     revoked, its newest tokens included.
     """
+    if data.refresh_token.startswith(API_TOKEN_PREFIX):
+        raise APIError(403, "forbidden", "An API token cannot be refreshed.")
     holder = verify_token(data.refresh_token, TokenType.REFRESH, secret_key())
     db_session = session()
     presented = token_hash(data.refresh_token)
@@ -163,6 +167,7 @@ async def refresh(data: RefreshRequest) -> Response:
 
 @blueprint.post("/logout")
 @require_auth
+@login_only
 @responds(None, 204)
 async def logout(caller: Caller) -> Response:
     """Revoke the caller's session: its refresh and access tokens stop working."""
@@ -181,3 +186,83 @@ async def me(caller: Caller) -> Response:
     if user is None:
         raise APIError(401, "unauthorized", "The account no longer exists.")
     return json_response(user)
+
+
+# API tokens
+
+MAX_TOKEN_PROJECTS = 100
+
+
+class TokenRequest(RequestModel):
+    name: TokenName
+    scope: TokenScope
+    project_ids: list[uuid.UUID] | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_TOKEN_PROJECTS,
+        description="Limit the token to these projects (each one you are a member of).",
+    )
+    expires_in_days: int = Field(90, ge=1, le=365)
+
+
+class ApiTokenOut(BaseModel):
+    id: uuid.UUID
+    name: str
+    scope: TokenScope
+    project_ids: list[uuid.UUID] | None
+    created_at: AwareDatetime
+    expires_at: AwareDatetime
+    last_used_at: AwareDatetime | None
+
+
+class CreatedApiTokenOut(ApiTokenOut):
+    token: str = Field(description="The secret, shown this once: the server keeps its hash.")
+
+
+class ApiTokenList(BaseModel):
+    items: list[ApiTokenOut]
+
+
+@blueprint.post("/tokens")
+@require_auth
+@login_only
+@answers_with_a_secret
+@validate_request(TokenRequest)
+@responds(CreatedApiTokenOut, 201)
+async def create_token(caller: Caller, data: TokenRequest) -> Response:
+    """Create an API token for scripts and integrations (a login's access token only).
+
+    `token` is in this response only. A `read` token may only read; a token
+    limited to projects sees no other project.
+    """
+    created = await api_tokens.insert_token(
+        session(),
+        caller.user_id,
+        data.name,
+        data.scope,
+        data.project_ids,
+        timedelta(days=data.expires_in_days),
+    )
+    return json_response(created, 201)
+
+
+@blueprint.get("/tokens")
+@require_auth
+@login_only
+@responds(ApiTokenList)
+async def list_tokens(caller: Caller) -> Response:
+    """The caller's API tokens, newest first, never their secrets."""
+    return json_response({"items": await api_tokens.tokens_of(session(), caller.user_id)})
+
+
+@blueprint.delete("/tokens/<uuid:token_id>")
+@require_auth
+@login_only
+@responds(None, 204)
+async def delete_token(caller: Caller, token_id: uuid.UUID) -> Response:
+    """Delete an API token: it is refused from the next request on, everywhere."""
+    db_session = session()
+    if not await api_tokens.delete_token(db_session, caller.user_id, token_id):
+        raise APIError(404, "not_found", "Token not found.")
+    after_commit(db_session, forget_revoked_session, token_id)
+    return no_content()

@@ -17,6 +17,7 @@ from ..access import lock_project, require_member, require_owner
 from ..data import projects
 from ..data.events import event_page
 from ..db import session
+from ..errors import APIError
 from ..jsonio import json_response, no_content
 from ..models import MemberRole
 from ..openapi import documents, responds
@@ -65,10 +66,14 @@ class ProjectFields(RequestModel):
 
 @blueprint.post("/projects")
 @require_auth
+@documents(403)
 @validate_request(ProjectFields)
 @responds(ProjectOut, 201, headers=("Location", "ETag"))
 async def create_project(caller: Caller, data: ProjectFields) -> Response:
-    """Create a project; the caller becomes its owner."""
+    """Create a project; the caller becomes its owner (not with a token
+    limited to projects: 403)."""
+    if caller.project_ids is not None:
+        raise APIError(403, "forbidden", "A token limited to projects cannot create one.")
     created = await projects.insert_project(session(), caller.user_id, data.name, data.description)
     headers = {"Location": f"/projects/{created.project['id']}", "ETag": created.etag}
     return json_response(created.project, 201, headers)
