@@ -129,10 +129,11 @@ KEPT = select(
     IdempotencyKey.status,
     IdempotencyKey.headers,
     IdempotencyKey.body,
-    IdempotencyKey.expires_at,
 ).where(IdempotencyKey.user_id == bindparam("user_id"), IdempotencyKey.key == bindparam("key"))
-FORGET = delete(IdempotencyKey).where(
-    IdempotencyKey.user_id == bindparam("user_id"), IdempotencyKey.key == bindparam("key")
+FORGET_EXPIRED = delete(IdempotencyKey).where(
+    IdempotencyKey.user_id == bindparam("user_id"),
+    IdempotencyKey.key == bindparam("key"),
+    IdempotencyKey.expires_at <= bindparam("now"),
 )
 # Expired keys, a batch at a time; on PostgreSQL skipping those another
 # request is deleting, so that concurrent purges never wait for each other.
@@ -160,6 +161,13 @@ async def _lock(db_session: AsyncSession, claim: Claim) -> bool:
     return bool(locked.scalar_one())
 
 
+async def kept_response(db_session: AsyncSession, claim: Claim) -> Any | None:
+    """The response kept for the claim's key, if one is (an expired one is deleted)."""
+    params = {"user_id": claim.user_id, "key": claim.key}
+    await rows(db_session, FORGET_EXPIRED, {**params, "now": datetime.now(UTC)})
+    return (await rows(db_session, KEPT, params)).first()
+
+
 def in_progress() -> APIError:
     return APIError(
         409,
@@ -185,9 +193,8 @@ async def claim_key() -> Response | None:
     db_session = session()
     if not await _lock(db_session, claim):
         raise in_progress()
-    params = {"user_id": claim.user_id, "key": claim.key}
-    kept = (await rows(db_session, KEPT, params)).first()
-    if kept is not None and kept.expires_at > datetime.now(UTC):
+    kept = await kept_response(db_session, claim)
+    if kept is not None:
         if kept.fingerprint != claim.fingerprint:
             raise APIError(
                 422,
@@ -195,8 +202,6 @@ async def claim_key() -> Response | None:
                 f"This {KEY_HEADER} was used for another request (method, path or body).",
             )
         return Response(kept.body, kept.status, headers={**kept.headers, REPLAYED_HEADER: "true"})
-    if kept is not None:
-        await rows(db_session, FORGET, params)
     g.idempotency_claim = claim
     return None
 
@@ -215,8 +220,7 @@ async def keep_response(response: Response) -> Response:
         await roll_back(db_session)
         # Between the rollback and this claim a repeat may have run (and kept
         # its own response), or be running: then this one is not kept.
-        params = {"user_id": claim.user_id, "key": claim.key}
-        if not await _lock(db_session, claim) or (await rows(db_session, KEPT, params)).first():
+        if not await _lock(db_session, claim) or await kept_response(db_session, claim):
             return response
         commit_even_if_refused(db_session)
     now = datetime.now(UTC)

@@ -364,3 +364,19 @@ async def test_the_kept_body_is_the_identity_one_whatever_the_encoding(
     packed = await client.post(path, json=body, headers={**headers, "Accept-Encoding": "gzip"})
     assert packed.headers["Idempotent-Replayed"] == "true"
     assert gzip.decompress(await packed.get_data()) == await again.get_data()
+
+
+async def test_an_expired_key_serves_a_new_refusal_too(
+    app: Quart, client: Client, owner: TestUser, project: dict[str, Any]
+) -> None:
+    await post_task(client, project, owner, "reused-later")
+    async with app.app_context(), backends().sessionmaker() as db_session:
+        past = datetime.now(UTC) - timedelta(seconds=1)
+        await db_session.execute(update(IdempotencyKey).values(expires_at=past))
+        await db_session.commit()
+    path, headers = f"/projects/{project['id']}/tasks", keyed(owner, "reused-later")
+    refused = await client.post(path, json={"title": ""}, headers=headers)
+    assert refused.status_code == 422
+    again = await client.post(path, json={"title": ""}, headers=headers)
+    assert (again.status_code, again.headers.get("Idempotent-Replayed")) == (422, "true")
+    assert await again.get_data() == await refused.get_data()
