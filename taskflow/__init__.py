@@ -5,8 +5,20 @@ from __future__ import annotations
 from quart import Quart
 from quart_schema import Info, QuartSchema, tag_blueprint
 
-from . import compression, cors, db, errors, idempotency, limits, logs, passwords, server_errors, ws
-from .blueprints import auth, ops, projects, tasks
+from . import (
+    compression,
+    cors,
+    db,
+    delivery,
+    errors,
+    idempotency,
+    limits,
+    logs,
+    passwords,
+    server_errors,
+    ws,
+)
+from .blueprints import auth, ops, projects, tasks, webhooks
 from .config import Config
 from .jsonio import JSONRequest, ORJSONProvider
 from .openapi import BEARER, TaskFlowOpenAPIProvider
@@ -65,8 +77,10 @@ def create_app(config: Config | None = None) -> Quart:
         (auth.blueprint, "auth"),
         (projects.blueprint, "projects"),
         (tasks.blueprint, "tasks"),
+        (webhooks.blueprint, "webhooks"),
     ):
         tag_blueprint(blueprint, [tag])
         app.register_blueprint(blueprint)
     ws.init_app(app)
+    delivery.init_app(app)  # after db: see its docstring
     return app

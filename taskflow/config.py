@@ -143,6 +143,12 @@ class Config:
     redis_backoff_ms: int = setting("TASKFLOW_REDIS_BACKOFF_MS", 1000, minimum=10, maximum=60_000)
     # Authorization lookups and tasks cached in Redis (for comparisons; see cache.py).
     cache_enabled: bool = setting("TASKFLOW_CACHE_ENABLED", True)
+    # Webhooks: `http://` URLs and private, loopback or link-local addresses
+    # allowed (deliveries inside one's own network, and tests); and how many
+    # deliveries one process runs at once, so that slow receivers cannot take
+    # what requests need (0: this process delivers none).
+    webhook_allow_private: bool = setting("TASKFLOW_WEBHOOK_ALLOW_PRIVATE", False)
+    webhook_concurrency: int = setting("TASKFLOW_WEBHOOK_CONCURRENCY", 8, minimum=0, maximum=256)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:

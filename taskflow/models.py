@@ -245,3 +245,57 @@ class IdempotencyKey(Base):
     headers: Mapped[dict[str, str]] = mapped_column(JSONDocument)
     body: Mapped[bytes] = mapped_column(LargeBinary)
     expires_at: Mapped[datetime] = mapped_column(index=True)
+
+
+class Webhook(Base):
+    """A URL the project's events are POSTed to, and where its delivery stands.
+
+    ``position`` is the id of the last event of the project it has finished
+    (delivered, filtered out or given up): events go out one at a time, each
+    after the one before it, so ordering and replay are a matter of moving it.
+    ``attempt`` counts the failures of the event after it. A deliverer holds
+    the webhook while ``lease_until`` lies ahead (``lease_owner`` names its
+    claim), so that no two processes send to it at once.
+    """
+
+    __tablename__ = "webhooks"
+    __table_args__ = (Index(None, "project_id", "created_at"), Index(None, "next_attempt_at"))
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    project_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
+    url: Mapped[str] = mapped_column(String(2048))
+    # The kinds of event it receives; null: every kind.
+    events: Mapped[list[str] | None] = mapped_column(JSONDocument)
+    description: Mapped[str | None] = mapped_column(Text)
+    # Kept as given (signing is an HMAC, which needs the key itself); the
+    # previous one signs too, until `previous_secret_until`, after a rotation.
+    secret: Mapped[str] = mapped_column(String(100))
+    previous_secret: Mapped[str | None] = mapped_column(String(100))
+    previous_secret_until: Mapped[datetime | None]
+    active: Mapped[bool] = mapped_column(default=True)
+    disabled_reason: Mapped[str | None] = mapped_column(String(200))
+    position: Mapped[int] = mapped_column(BigInteger)
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    lease_until: Mapped[datetime | None]
+    lease_owner: Mapped[uuid.UUID | None]
+    failing_since: Mapped[datetime | None]
+    last_success_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class WebhookDelivery(Base):
+    """One attempt to deliver an event to a webhook: its delivery log, read
+    newest first, the oldest rows purged as new ones come."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (Index(None, "webhook_id", "attempted_at", "id"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    webhook_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("webhooks.id", ondelete="CASCADE"))
+    event_id: Mapped[int] = mapped_column(BigInteger)
+    attempt: Mapped[int] = mapped_column(Integer)
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(String(300))
+    duration_ms: Mapped[int] = mapped_column(Integer)
+    attempted_at: Mapped[datetime]

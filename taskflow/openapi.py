@@ -67,6 +67,8 @@ PROJECT_LINKS = {
     "CreateTask": link(
         "post_create_task", {"assignee_id": "$response.body#/owner_id"}, project_id=THE_PROJECT
     ),
+    "ListWebhooks": link("get_list_webhooks", project_id=THE_PROJECT),
+    "CreateWebhook": link("post_create_webhook", project_id=THE_PROJECT),
 }
 TASK_LINKS = {
     "GetTask": link("get_get_task", task_id=THE_TASK),
@@ -74,6 +76,17 @@ TASK_LINKS = {
     "PatchTask": link("patch_patch_task", THE_TASK_ASSIGNEE, task_id=THE_TASK),
     "DeleteTask": link("delete_delete_task", task_id=THE_TASK),
     "ListTasks": link("get_list_tasks", project_id="$response.body#/project_id"),
+}
+THE_WEBHOOK = "$response.body#/id"
+WEBHOOK_LINKS = {
+    name: link(operation, project_id=SAME_PROJECT, webhook_id=THE_WEBHOOK)
+    for name, operation in (
+        ("PatchWebhook", "patch_patch_webhook"),
+        ("DeleteWebhook", "delete_delete_webhook"),
+        ("RotateSecret", "post_rotate_secret"),
+        ("ListDeliveries", "get_list_deliveries"),
+        ("Replay", "post_replay"),
+    )
 }
 # (endpoint, status) → the links of that response.
 LINKS: dict[tuple[str, int], dict[str, Any]] = {
@@ -101,6 +114,16 @@ LINKS: dict[tuple[str, int], dict[str, Any]] = {
             "get_list_tasks",
             project_id=SAME_PROJECT,
             sort="$request.query.sort",
+            cursor="$response.body#/next_cursor",
+        )
+    },
+    ("webhooks.create_webhook", 201): WEBHOOK_LINKS,
+    ("webhooks.patch_webhook", 200): WEBHOOK_LINKS,
+    ("webhooks.list_deliveries", 200): {
+        "NextPage": link(
+            "get_list_deliveries",
+            project_id=SAME_PROJECT,
+            webhook_id="$request.path.webhook_id",
             cursor="$response.body#/next_cursor",
         )
     },

@@ -9,7 +9,9 @@ not), a name or title must have a character that shows (not only zero-width or
 direction marks), an email must pass email-validator's syntax rules (the
 schema says `format: email`, whose values schemathesis generates its own way:
 quoted local parts, IP-literal domains, special-use domains such as `.test`,
-which email-validator refuses). Two more depend on what came before: an
+which email-validator refuses), a webhook URL must be one TaskFlow delivers to
+(httpx parses it; a host, no credentials, no fragment). Two more depend on
+what came before: an
 `If-Match` that names no current version (412), and an `Idempotency-Key`
 that an earlier, different request used (422 `idempotency_key_reused`). For
 the operations where they apply,
@@ -25,6 +27,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+import httpx
 import schemathesis
 from email_validator import EmailNotValidError, validate_email
 
@@ -53,6 +56,25 @@ def _refused_by_email_validator(value: Any) -> bool:
     except EmailNotValidError:
         return True
     return False
+
+
+def _not_a_url_to_deliver_to(value: Any) -> bool:
+    """A webhook URL httpx cannot parse, or with no host, credentials, a
+    fragment or a NUL (the fuzzed server allows http:// and private
+    addresses, so none is refused for where it leads: no DNS lookup)."""
+    if not isinstance(value, str):
+        return False
+    try:
+        url = httpx.URL(value)
+    except httpx.InvalidURL:
+        return True
+    return (
+        "\x00" in value
+        or url.scheme not in ("http", "https")
+        or not url.host
+        or bool(url.userinfo)
+        or bool(url.fragment)
+    )
 
 
 def _outside_utc_years(value: Any) -> bool:
@@ -93,6 +115,9 @@ UNWRITABLE: dict[str, dict[str, Rule]] = {
     },
     "POST /auth/register": {"email": _refused_by_email_validator, "password": _over_72_bytes},
     "POST /projects/{project_id}/members": {"email": _refused_by_email_validator},
+    "POST /projects/{project_id}/webhooks": {"url": _not_a_url_to_deliver_to},
+    "PATCH /projects/{project_id}/webhooks/{webhook_id}": {"url": _not_a_url_to_deliver_to},
+    "GET /projects/{project_id}/webhooks/{webhook_id}/deliveries": {"cursor": _sent},
 }
 
 

@@ -32,6 +32,7 @@ class World:
     project: dict[str, Any]
     task: dict[str, Any]
     token_id: str  # an API token of the owner's
+    webhook_id: str  # a webhook of the project's, inactive (no delivery to make)
 
     def caller(self, role: str) -> TestUser | None:
         return None if role == "anonymous" else getattr(self, role)
@@ -44,7 +45,26 @@ async def build_world(client: Client) -> World:
     await add_member(client, project, owner, other_member)
     task = await create_task(client, project, member)
     token = await create_api_token(client, owner, "read")
-    return World(owner, member, other_member, stranger, newcomer, project, task, token["id"])
+    webhook_id = await create_webhook(client, owner, project)
+    return World(
+        owner, member, other_member, stranger, newcomer, project, task, token["id"], webhook_id
+    )
+
+
+# A public address written as such: no DNS lookup is needed to accept it.
+WEBHOOK_URL = "https://93.184.215.14/hook"
+
+
+async def create_webhook(client: Client, owner: TestUser, project: dict[str, Any]) -> str:
+    webhooks = f"/projects/{project['id']}/webhooks"
+    response = await client.post(webhooks, json={"url": WEBHOOK_URL}, headers=owner.headers)
+    assert response.status_code == 201, await response.get_json()
+    webhook_id: str = (await response.get_json())["id"]
+    paused = await client.patch(
+        f"{webhooks}/{webhook_id}", json={"active": False}, headers=owner.headers
+    )
+    assert paused.status_code == 200
+    return webhook_id
 
 
 async def create_api_token(
@@ -72,6 +92,9 @@ def body_for(endpoint: str, world: World) -> Any:
         "tasks.replace_task": {"title": "Replaced"},
         "tasks.patch_task": {"status": "completed"},
         "auth.create_token": {"name": "CI", "scope": "write"},
+        "webhooks.create_webhook": {"url": WEBHOOK_URL},
+        "webhooks.patch_webhook": {"description": "Changed"},
+        "webhooks.replay": {"since": 0},
     }.get(endpoint)
 
 
@@ -81,6 +104,7 @@ def url_for(rule: str, world: World) -> str:
         .replace("<uuid:task_id>", world.task["id"])
         .replace("<uuid:user_id>", world.other_member.id)
         .replace("<uuid:token_id>", world.token_id)
+        .replace("<uuid:webhook_id>", world.webhook_id)
         .replace("<path:filename>", "swagger-ui.css")
     )
 
@@ -128,6 +152,13 @@ MATRIX: dict[tuple[str, str], dict[str, int]] = {
     ("tasks.replace_task", "PUT"): MEMBERS,
     ("tasks.patch_task", "PATCH"): MEMBERS,
     ("tasks.delete_task", "DELETE"): with_success(MEMBERS, 204),
+    ("webhooks.create_webhook", "POST"): with_success(OWNER_ONLY, 201),
+    ("webhooks.list_webhooks", "GET"): OWNER_ONLY,
+    ("webhooks.patch_webhook", "PATCH"): OWNER_ONLY,
+    ("webhooks.delete_webhook", "DELETE"): with_success(OWNER_ONLY, 204),
+    ("webhooks.rotate_secret", "POST"): OWNER_ONLY,
+    ("webhooks.list_deliveries", "GET"): OWNER_ONLY,
+    ("webhooks.replay", "POST"): with_success(OWNER_ONLY, 202),
 }
 
 
@@ -183,7 +214,7 @@ def with_token(kind: str, endpoint: str, method: str) -> int:
     if kind == "elsewhere":
         if (endpoint, method) == ("projects.create_project", "POST"):
             return 403
-        if "project" in endpoint or endpoint.startswith("tasks."):
+        if "project" in endpoint or endpoint.startswith(("tasks.", "webhooks.")):
             return owner if endpoint == "projects.list_projects" else 404
     return owner
 

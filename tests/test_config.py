@@ -83,6 +83,10 @@ def test_full_configuration_from_the_environment() -> None:
         ("TASKFLOW_CORS_ORIGINS", "https://app.example.com:99999"),
         ("TASKFLOW_CORS_ORIGINS", "https://app.example.com https://other.example"),
         ("TASKFLOW_CORS_ORIGINS", "https://ok.example,ftp//bad"),
+        ("TASKFLOW_WEBHOOK_ALLOW_PRIVATE", "sometimes"),
+        ("TASKFLOW_WEBHOOK_CONCURRENCY", "-1"),
+        ("TASKFLOW_WEBHOOK_CONCURRENCY", "257"),
+        ("TASKFLOW_WEBHOOK_CONCURRENCY", "eight"),
     ],
 )
 def test_bad_values_are_refused_with_the_variable_named(
@@ -167,3 +171,17 @@ def test_cors_origins_are_read_as_a_browser_writes_them(tmp_path: Path) -> None:
         "http://[::1]:8080",
         "capacitor://localhost",
     )
+
+
+def test_webhook_settings(tmp_path: Path) -> None:
+    instance = {"TASKFLOW_INSTANCE_DIR": str(tmp_path)}
+    default = Config.from_env(instance)
+    assert (default.webhook_allow_private, default.webhook_concurrency) == (False, 8)
+    config = Config.from_env(
+        {
+            **instance,
+            "TASKFLOW_WEBHOOK_ALLOW_PRIVATE": "true",
+            "TASKFLOW_WEBHOOK_CONCURRENCY": "0",  # this process delivers none
+        }
+    )
+    assert (config.webhook_allow_private, config.webhook_concurrency) == (True, 0)

@@ -87,6 +87,8 @@ def test_models_cover_every_table_of_the_contract() -> None:
         "events",
         "idempotency_keys",
         "api_tokens",
+        "webhooks",
+        "webhook_deliveries",
     }
 
 

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 from quart import Quart
 
 from .support import PROJECT_ROOT, live_server, register_user
@@ -19,6 +20,17 @@ from .support import PROJECT_ROOT, live_server, register_user
 FUZZ_EMAILS = ("fuzz-owner@example.com", "fuzz-member@example.com")
 FUZZ_PASSWORD = "fuzz password, not a secret"
 FUZZ_TIMEOUT = 600  # seconds: a hard stop well above the few minutes a run takes
+
+
+@pytest.fixture
+def environ(environ: dict[str, str]) -> dict[str, str]:
+    """Webhook URLs taken without a DNS lookup, and nothing sent to the hosts
+    the fuzzer makes up, by the server or by the app of the `app` fixture."""
+    return {
+        **environ,
+        "TASKFLOW_WEBHOOK_ALLOW_PRIVATE": "true",
+        "TASKFLOW_WEBHOOK_CONCURRENCY": "0",
+    }
 
 
 async def test_schemathesis_finds_nothing(app: Quart, environ: dict[str, str]) -> None:
