@@ -136,6 +136,17 @@ def judge(
         }
         return Outcome(changes, "disabled", f"{GONE}: the webhook is disabled")
     failures = failures_before + 1
+    # The last retry gives the event up whatever the time (so a webhook failing
+    # on one event goes on to the next); any other failure after 3 days of
+    # them disables the webhook, its event kept for when it is re-activated.
+    if failures > len(RETRY_SCHEDULE):
+        changes = {
+            "position": event_id,
+            "attempt": 0,
+            "next_attempt_at": now,
+            "failing_since": failing_since,
+        }
+        return Outcome(changes, "given_up", _joined(error, f"given up after {failures} attempts"))
     if now - failing_since >= DISABLE_AFTER:
         changes = {
             "position": passed,
@@ -145,14 +156,6 @@ def judge(
             "failing_since": failing_since,
         }
         return Outcome(changes, "disabled", _joined(error, f"the webhook is disabled: {FAILING}"))
-    if failures > len(RETRY_SCHEDULE):
-        changes = {
-            "position": event_id,
-            "attempt": 0,
-            "next_attempt_at": now,
-            "failing_since": failing_since,
-        }
-        return Outcome(changes, "given_up", _joined(error, f"given up after {failures} attempts"))
     wait = parse_retry_after(retry_after, now) if status in RETRY_AFTER_STATUSES else None
     changes = {
         "position": passed,

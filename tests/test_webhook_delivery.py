@@ -30,8 +30,9 @@ from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from taskflow.config import Config
+from taskflow.data.webhooks import Claim
 from taskflow.db import create_engine
-from taskflow.delivery import LEASE, RETRY_SCHEDULE
+from taskflow.delivery import LEASE, RETRY_SCHEDULE, judge, parse_retry_after, retry_delay
 from taskflow.models import Webhook
 
 from .receivers import Received, Receiver, Reply, verify
@@ -378,6 +379,50 @@ async def test_failing_for_three_days_disables(environ: dict[str, str]) -> None:
         await eventually(disabled)
         listed = await api.webhook(webhook)
     assert listed["disabled_reason"] == "every delivery failed for 3 days"
+
+
+def test_the_last_retry_gives_up_the_event_even_after_three_days() -> None:
+    """The schedule spans more than 3 days: its last retry gives the event up
+    (the webhook goes on with the next), any other failure by then disables."""
+    now = datetime.now(UTC)
+    claim = Claim(
+        webhook_id=uuid.uuid4(),
+        project_id=uuid.uuid4(),
+        url="https://example.com/",
+        kinds=None,
+        signing_secrets=("whsec_",),
+        position=9,
+        attempt=len(RETRY_SCHEDULE),
+        failing_since=now - timedelta(days=3, hours=4),
+        token=uuid.uuid4(),
+    )
+    last = judge(claim, 10, 9, len(RETRY_SCHEDULE), 500, None, None, now)
+    assert (last.label, last.changes["position"], last.error) == (
+        "given_up",
+        10,
+        f"given up after {len(RETRY_SCHEDULE) + 1} attempts",
+    )
+    following = judge(claim, 12, 10, 0, None, None, "no answer within 10 s", now)
+    assert following.label == "disabled" and following.changes["position"] == 10
+    assert following.error == "no answer within 10 s; the webhook is disabled: " + (
+        "every delivery failed for 3 days"
+    )
+    gone = judge(claim, 12, 10, 0, 410, None, None, now)
+    assert (gone.label, gone.changes["active"]) == ("disabled", False)
+    assert judge(claim, 12, 10, 0, 204, None, None, now).changes["failing_since"] is None
+    redirected = judge(claim, 12, 10, 0, 302, None, None, now - timedelta(days=3))
+    assert redirected.label == "retry" and "redirect" in (redirected.error or "")
+
+
+def test_retry_after_is_honoured_when_later_than_the_schedule() -> None:
+    now = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+    assert parse_retry_after("120", now) == timedelta(seconds=120)
+    assert parse_retry_after("Tue, 01 Dec 2026 12:10:00 GMT", now) == timedelta(minutes=10)
+    assert parse_retry_after("soon", now) is None and parse_retry_after(None, now) is None
+    for failures, step in enumerate(RETRY_SCHEDULE, start=1):
+        assert step * 0.9 <= retry_delay(failures) <= step * 1.1
+    assert retry_delay(1, timedelta(minutes=2)) == timedelta(minutes=2)
+    assert retry_delay(1, timedelta(days=30)) == RETRY_SCHEDULE[-1]  # capped
 
 
 # Replay and rotation.
