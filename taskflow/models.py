@@ -125,8 +125,8 @@ class AuthSession(Base):
 class ApiToken(Base):
     """A long-lived token for scripts and integrations: only its hash is kept.
 
-    Its id serves as its login session's would: the session check (a Redis
-    mark, else this table) is how a deleted token is refused everywhere."""
+    Its id serves as a login session's would: the session check (a Redis mark,
+    else this table) is how a deleted token is refused everywhere."""
 
     __tablename__ = "api_tokens"
 

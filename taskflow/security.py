@@ -162,30 +162,33 @@ def _mark_key(session_id: uuid.UUID) -> str:
     return f"taskflow:session:{session_id}"
 
 
-async def session_is_live(session_id: uuid.UUID) -> bool:
-    """Whether the login session is live: from its mark in Redis, else from the
-    database in a short session of its own (so the check never holds the
-    request's connection or transaction)."""
+async def session_is_live(caller: Caller) -> bool:
+    """Whether the caller's login session (or API token) is live: from its mark
+    in Redis, else from the database in a short session of its own (so the
+    check never holds the request's connection or transaction)."""
+    session_id = caller.session_id
     redis = backends().redis
     try:
         mark = await redis.call(lambda r: r.get(_mark_key(session_id)))
     except RedisUnavailable:
-        return await _session_is_live_in_database(session_id)
+        return await _session_is_live_in_database(caller)
     if mark is not None:
         return bool(mark == b"1")
-    live = await _session_is_live_in_database(session_id)
+    live = await _session_is_live_in_database(caller)
     # NX: a revocation written meanwhile must not be overwritten by this read.
     await _mark(session_id, live, only_if_absent=True)
     return live
 
 
-async def _session_is_live_in_database(session_id: uuid.UUID) -> bool:
+async def _session_is_live_in_database(caller: Caller) -> bool:
     async with backends().read_sessionmaker() as db_session:
-        return await accounts.is_session_live(db_session, session_id)
+        if caller.api_token:
+            return await api_tokens.is_token_live(db_session, caller.session_id)
+        return await accounts.is_session_live(db_session, caller.session_id)
 
 
 async def require_live_session(caller: Caller) -> None:
-    if not await session_is_live(caller.session_id):
+    if not await session_is_live(caller):
         raise APIError(401, "session_revoked", "The session has been revoked.")
 
 

@@ -285,7 +285,7 @@ class Connection:
         while True:
             await asyncio.sleep(SESSION_CHECK_SECONDS)
             try:
-                live = await session_is_live(self.caller.session_id)
+                live = await session_is_live(self.caller)
             except Exception:  # the database is away: keep the socket, check again later
                 log.warning("session check failed", exc_info=True)
                 continue

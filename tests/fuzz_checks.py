@@ -10,11 +10,11 @@ direction marks), an email must pass email-validator's syntax rules (the
 schema says `format: email`, whose values schemathesis generates its own way:
 quoted local parts, IP-literal domains, special-use domains such as `.test`,
 which email-validator refuses), a webhook URL must be one TaskFlow delivers to
-(httpx parses it; a host, no credentials, no fragment). Two more depend on
-what came before: an
-`If-Match` that names no current version (412), and an `Idempotency-Key`
-that an earlier, different request used (422 `idempotency_key_reused`). For
-the operations where they apply,
+(httpx parses it; a host, no credentials, no fragment), an API token's
+`project_ids` must be projects its user is a member of. Two more depend on
+what came before: an `If-Match` that names no current version (412), and an
+`Idempotency-Key` that an earlier, different request used (422
+`idempotency_key_reused`). For the operations where they apply,
 schemathesis.toml adds their 422 to the statuses a schema-valid request may
 get; this check holds each such 422 to exactly those rules: every error it
 reports must be on that field, for that reason (for emails, email-validator
@@ -115,6 +115,7 @@ UNWRITABLE: dict[str, dict[str, Rule]] = {
     },
     "POST /auth/register": {"email": _refused_by_email_validator, "password": _over_72_bytes},
     "POST /projects/{project_id}/members": {"email": _refused_by_email_validator},
+    "POST /auth/tokens": {"project_ids": _sent, "name": _invisible},
     "POST /projects/{project_id}/webhooks": {"url": _not_a_url_to_deliver_to},
     "PATCH /projects/{project_id}/webhooks/{webhook_id}": {"url": _not_a_url_to_deliver_to},
     "GET /projects/{project_id}/webhooks/{webhook_id}/deliveries": {"cursor": _sent},

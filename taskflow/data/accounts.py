@@ -6,13 +6,13 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import TypedDict
 
-from sqlalchemy import bindparam, select, union_all, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from ..db import rows
 from ..errors import APIError
-from ..models import ApiToken, AuthSession, User
+from ..models import AuthSession, User
 from ..schemas import normalize_email
 from ..tokens import REFRESH_TOKEN_LIFETIME, Caller, IssuedTokens, issue_tokens
 
@@ -125,17 +125,10 @@ async def revoke_session(db_session: AsyncSession, session_id: uuid.UUID) -> boo
     return result.first() is not None
 
 
-# A login session, or an API token (its id is its session's): live while
-# neither revoked (deleted) nor expired.
-LIVE_SESSION = union_all(
-    select(AuthSession.id).where(
-        AuthSession.id == bindparam("session_id"),
-        AuthSession.revoked_at.is_(None),
-        AuthSession.expires_at > bindparam("now"),
-    ),
-    select(ApiToken.id).where(
-        ApiToken.id == bindparam("session_id"), ApiToken.expires_at > bindparam("now")
-    ),
+LIVE_SESSION = select(AuthSession.id).where(
+    AuthSession.id == bindparam("session_id"),
+    AuthSession.revoked_at.is_(None),
+    AuthSession.expires_at > bindparam("now"),
 )
 
 

@@ -144,6 +144,17 @@ async def find_token(db_session: AsyncSession, presented_hash: str) -> KnownToke
     return KnownToken(caller, row.expires_at)
 
 
+LIVE_TOKEN = select(ApiToken.id).where(
+    ApiToken.id == bindparam("token_id"), ApiToken.expires_at > bindparam("now")
+)
+
+
+async def is_token_live(db_session: AsyncSession, token_id: uuid.UUID) -> bool:
+    """Whether the token still exists (was not deleted) and has not expired."""
+    params = {"token_id": token_id, "now": datetime.now(UTC)}
+    return (await rows(db_session, LIVE_TOKEN, params)).first() is not None
+
+
 async def note_use(db_session: AsyncSession, token_id: uuid.UUID) -> None:
     await db_session.execute(
         update(ApiToken).where(ApiToken.id == token_id).values(last_used_at=datetime.now(UTC))
