@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import pytest
 from quart import Quart
 from quart.typing import TestClientProtocol as Client
 from sqlalchemy import delete, select, text, update
@@ -23,6 +24,13 @@ from taskflow.db import backends
 from taskflow.models import Event, ProjectMember, Task
 
 from .support import TestUser, create_task, problem_of
+
+
+@pytest.fixture
+def environ(environ: dict[str, str]) -> dict[str, str]:
+    """The writes here wait for a lock held by hand for about a second on
+    purpose: no lock timeout (1 s by default) may end their wait first."""
+    return {**environ, "TASKFLOW_DATABASE_LOCK_TIMEOUT_MS": "10000"}
 
 
 @asynccontextmanager
