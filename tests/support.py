@@ -154,7 +154,10 @@ def free_port() -> int:
 async def hypercorn(
     environ: dict[str, str],
     workers: int = 1,
-    graceful_timeout: int = 5,
+    # Short: a server that has had a WebSocket open waits out the whole
+    # graceful timeout when it stops (hypercorn's pinger); tests about a
+    # graceful stop give their own.
+    graceful_timeout: int = 1,
     *,
     empty_database: bool = True,
 ) -> AsyncIterator[tuple[str, asyncio.subprocess.Process]]:
