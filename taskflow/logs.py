@@ -47,6 +47,9 @@ def configure_logging(level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # httpx logs each request's whole URL at INFO: a webhook's path or query
+    # may hold a secret of its receiver's. Deliveries are logged without it.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 async def assign_request_id() -> None:

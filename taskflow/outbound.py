@@ -17,7 +17,6 @@ import base64
 import hashlib
 import hmac
 import ipaddress
-import logging
 import secrets
 import socket
 import ssl
@@ -205,13 +204,9 @@ def client() -> httpx.AsyncClient:
     """The HTTP client of a process's deliveries: no redirects, no proxies
     from the environment (they would connect elsewhere), the system's
     certificate store, and no kept connections (a connection is made for one
-    checked address and one name, so none is reused for another).
-
-    httpx logs each request's whole URL, whose path or query may be a secret
-    of the receiver's (many receivers take a token there): only its warnings
-    are kept; TaskFlow logs each delivery its own way, without the URL.
+    checked address and one name, so none is reused for another). httpx's
+    own request lines are silenced (``logs.configure_logging``).
     """
-    logging.getLogger("httpx").setLevel(logging.WARNING)
     return httpx.AsyncClient(
         verify=ssl.create_default_context(),
         trust_env=False,
