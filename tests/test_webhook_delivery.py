@@ -606,11 +606,21 @@ def certificate_for_localhost(tmp_path_factory: pytest.TempPathFactory) -> tuple
     ca, ca_key = directory / "ca.pem", directory / "ca.key"
     cert, key, csr = directory / "server.pem", directory / "server.key", directory / "server.csr"
     openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
-            "/CN=Webhook test CA", "-keyout", ca_key, "-out", ca)  # fmt: skip
+            "/CN=Webhook test CA", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+            "-keyout", ca_key, "-out", ca)  # fmt: skip
     openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost", "-keyout", key,
             "-out", csr)  # fmt: skip
     extensions = directory / "san.cnf"
-    extensions.write_text("subjectAltName=DNS:localhost\n")
+    # What public CAs' certificates carry, and Python 3.13's strict
+    # verification (VERIFY_X509_STRICT) requires of the CA (key usage) and of
+    # the server's (authority key identifier): without them both are refused.
+    extensions.write_text(
+        "subjectAltName=DNS:localhost\n"
+        "authorityKeyIdentifier=keyid,issuer\n"
+        "basicConstraints=critical,CA:FALSE\n"
+        "keyUsage=critical,digitalSignature,keyEncipherment\n"
+        "extendedKeyUsage=serverAuth\n"
+    )
     openssl("x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-days",
             "2", "-out", cert, "-extfile", extensions)  # fmt: skip
     return ca, cert, key
