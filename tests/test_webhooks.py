@@ -119,13 +119,7 @@ async def test_a_new_webhook_starts_after_the_latest_event(
 ) -> None:
     await create_task(client, project, owner)
     webhook = await register(client, project, owner)
-    async with app.app_context(), backends().sessionmaker() as db_session:
-        latest = (await db_session.execute(select(Event.id).order_by(Event.id.desc()))).scalar()
-        position = (
-            await db_session.execute(
-                select(Webhook.position).where(Webhook.id == uuid.UUID(webhook["id"]))
-            )
-        ).scalar_one()
+    position, latest = await position_and_latest_event(app, webhook)
     assert position == latest
 
 
@@ -278,13 +272,7 @@ async def test_replay_moves_the_position_back(
     for bad in ({"since": -1}, {}, {"since": "1"}):
         refused = await client.post(path, json=bad, headers=owner.headers)
         assert refused.status_code == 422, bad
-    async with app.app_context(), backends().sessionmaker() as db_session:
-        latest = (await db_session.execute(select(Event.id).order_by(Event.id.desc()))).scalar()
-        position = (
-            await db_session.execute(
-                select(Webhook.position).where(Webhook.id == uuid.UUID(webhook["id"]))
-            )
-        ).scalar_one()
+    position, latest = await position_and_latest_event(app, webhook)
     assert position == latest
 
 
@@ -507,3 +495,15 @@ async def test_a_name_is_refused_if_any_of_its_addresses_is_private(
     allowed = await outbound.destination("http://mixed.example/hook", True)
     assert [str(address) for address in allowed.addresses] == answers["mixed.example"]
     assert allowed.extensions == {}
+
+
+async def position_and_latest_event(app: Quart, webhook: dict[str, Any]) -> tuple[int, int | None]:
+    """The webhook's position, and the latest event id of the database."""
+    async with app.app_context(), backends().sessionmaker() as db_session:
+        latest = (await db_session.execute(select(Event.id).order_by(Event.id.desc()))).scalar()
+        position = (
+            await db_session.execute(
+                select(Webhook.position).where(Webhook.id == uuid.UUID(webhook["id"]))
+            )
+        ).scalar_one()
+    return position, latest
