@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar, cast
 
-from quart import current_app
+from quart import current_app, g
 from redis.asyncio import Redis
 
 from .db import backends
@@ -54,19 +54,41 @@ class CacheKey(Generic[T]):
         return f"taskflow:cache-generation:{self.name}"
 
 
+def enabled() -> bool:
+    return bool(current_app.config["TASKFLOW"].cache_enabled)
+
+
+def redis_keys(keys: Sequence[CacheKey[Any]]) -> list[str]:
+    """The Redis keys ``keep_read`` takes the values of: each key's entry and generation."""
+    return [name for key in keys for name in (key.entry, key.generation)]
+
+
+def keep_read(keys: Sequence[CacheKey[Any]], values: Sequence[bytes | None]) -> None:
+    """Keep for this request what the limiter's step in Redis read of *keys*
+    (the values of their ``redis_keys``), so that ``through`` needs no round
+    trip of its own for them."""
+    read: dict[str, tuple[bytes | None, bytes | None]] = g.setdefault("cache_read", {})
+    for index, key in enumerate(keys):
+        read[key.name] = (values[2 * index], values[2 * index + 1])
+
+
 async def through(key: CacheKey[T], load: Callable[[], Awaitable[T]]) -> T:
     """The cached value of *key*, or ``load()``'s, which is then cached."""
-    if not current_app.config["TASKFLOW"].cache_enabled:
+    if not enabled():
         return await load()
     redis = backends().redis
-    try:
-        # The client returns bytes: it is not made with decode_responses.
-        found = cast(
-            list[bytes | None], await redis.call(lambda r: r.mget(key.entry, key.generation))
-        )
-    except RedisUnavailable:
-        return await load()
-    entry, generation = found[0], found[1] or b"0"
+    already_read = g.get("cache_read", {}).pop(key.name, None)
+    if already_read is not None:
+        entry, generation = already_read
+    else:
+        try:
+            # The client returns bytes: it is not made with decode_responses.
+            entry, generation = cast(
+                list[bytes | None], await redis.call(lambda r: r.mget(key.entry, key.generation))
+            )
+        except RedisUnavailable:
+            return await load()
+    generation = generation or b"0"
     if entry is not None:
         filled_under, _, stored = entry.partition(b":")
         if filled_under == generation:

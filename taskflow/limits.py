@@ -14,6 +14,7 @@ import dataclasses
 import ipaddress
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -27,29 +28,62 @@ from quart_rate_limiter import (
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
+from . import cache
+from .access import roles_read_by_request
 from .config import Config
 from .db import backends
 from .errors import APIError
 from .redis_gate import RedisUnavailable
 from .schemas import normalize_email
-from .security import request_caller
+from .security import (
+    accept_caller,
+    request_caller,
+    session_mark_key,
+    unchecked_request_caller,
+)
 
 EXTENSION_KEY = "taskflow.limiter"
 
-# KEYS[1]: the bucket. ARGV: emission interval and burst tolerance, in µs.
-# Returns {allowed, µs until a request would be allowed, µs until the bucket is full}.
-GCRA_SCRIPT = """
+# A request's one round trip to Redis before its view runs: its caller's
+# session mark, the GCRA of each of its limits, and the cache entries its view
+# will read. KEYS: [the session mark,] the limits' buckets, the keys to read.
+# ARGV[1]: 1 when KEYS[1] is a session mark, else 0; ARGV[2]: the number of
+# buckets; then each bucket's emission interval and burst tolerance, in µs.
+# Returns {mark} alone, nothing spent, when a session mark is not '1' (the
+# session is then checked apart). Else {mark, then for each bucket: allowed,
+# µs until a request would be allowed, µs until the bucket is full; then the
+# values read}.
+ADMISSION_SCRIPT = """
+local marked = tonumber(ARGV[1])
+local mark = false
+if marked == 1 then
+  mark = redis.call('GET', KEYS[1])
+  if mark ~= '1' then return {mark} end
+end
+local buckets = tonumber(ARGV[2])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local interval = tonumber(ARGV[1])
-local tolerance = tonumber(ARGV[2])
-local tat = math.max(tonumber(redis.call('GET', KEYS[1]) or now), now)
-if tat - tolerance > now then
-  return {0, tat - tolerance - now, tat - now}
+local out = {mark}
+for i = 1, buckets do
+  local key = KEYS[marked + i]
+  local interval = tonumber(ARGV[1 + 2 * i])
+  local tolerance = tonumber(ARGV[2 + 2 * i])
+  local tat = math.max(tonumber(redis.call('GET', key) or now), now)
+  if tat - tolerance > now then
+    out[#out + 1] = 0
+    out[#out + 1] = tat - tolerance - now
+  else
+    tat = tat + interval
+    redis.call('SET', key, tat, 'PX', math.max(1, math.ceil((tat - now) / 1000)))
+    out[#out + 1] = 1
+    out[#out + 1] = 0
+  end
+  out[#out + 1] = tat - now
 end
-tat = tat + interval
-redis.call('SET', KEYS[1], tat, 'PX', math.max(1, math.ceil((tat - now) / 1000)))
-return {1, 0, tat - now}
+for i = marked + buckets + 1, #KEYS do
+  out[#out + 1] = redis.call('GET', KEYS[i])
+end
+return out
 """
 
 
@@ -90,6 +124,14 @@ class MemoryBuckets:
         return Decision.of(limit, True, 0, tat + interval - now)
 
 
+@dataclass(frozen=True)
+class Admission:
+    """What a request's step in Redis decided and read."""
+
+    decisions: list[Decision]
+    read: list[bytes | None]  # the values of the keys asked for, in order
+
+
 class Buckets:
     """The app's rate-limit buckets: in Redis when it answers, else in memory."""
 
@@ -98,21 +140,55 @@ class Buckets:
         self._script: AsyncScript | None = None
 
     async def acquire(self, key: str, limit: RateLimit) -> Decision:
-        interval = limit.inverse * 1_000_000
-        tolerance = limit.period.total_seconds() * 1_000_000 - interval
-        try:
-            allowed, wait_us, full_us = await backends().redis.call(
-                lambda redis: self._gcra(redis)(
-                    keys=[f"taskflow:limit:{key}"], args=[int(interval), int(tolerance)]
-                )
-            )
-        except RedisUnavailable:
-            return self.memory.acquire(key, limit)
-        return Decision.of(limit, bool(allowed), wait_us, full_us)
+        return (await self.acquire_all([(key, limit)]))[0]
 
-    def _gcra(self, redis: Redis) -> AsyncScript:
+    async def acquire_all(self, buckets: Sequence[tuple[str, RateLimit]]) -> list[Decision]:
+        """One request spent in each of *buckets* (key and limit)."""
+        try:
+            admission = await self._step(buckets, None, [])
+        except RedisUnavailable:
+            return [self.memory.acquire(key, limit) for key, limit in buckets]
+        assert admission is not None  # nosec B101: without a session mark, never None
+        return admission.decisions
+
+    async def admit(
+        self, session_mark: str, buckets: Sequence[tuple[str, RateLimit]], reads: Sequence[str]
+    ) -> Admission | None:
+        """If *session_mark* says the caller's session is live, one request
+        spent in each of *buckets*, and the values of *reads*, in one round
+        trip; None, nothing spent, when it does not or Redis does not answer."""
+        try:
+            return await self._step(buckets, session_mark, reads)
+        except RedisUnavailable:
+            return None
+
+    async def _step(
+        self,
+        buckets: Sequence[tuple[str, RateLimit]],
+        session_mark: str | None,
+        reads: Sequence[str],
+    ) -> Admission | None:
+        keys = [session_mark] if session_mark is not None else []
+        keys += [f"taskflow:limit:{key}" for key, _limit in buckets]
+        args = [int(session_mark is not None), len(buckets)]
+        for _key, limit in buckets:
+            interval = limit.inverse * 1_000_000
+            args += [int(interval), int(limit.period.total_seconds() * 1_000_000 - interval)]
+        out = await backends().redis.call(
+            lambda redis: self._script_of(redis)(keys=[*keys, *reads], args=args)
+        )
+        if session_mark is not None and out[0] != b"1":
+            return None
+        decided = out[1 : 1 + 3 * len(buckets)]
+        decisions = [
+            Decision.of(limit, bool(decided[3 * i]), decided[3 * i + 1], decided[3 * i + 2])
+            for i, (_key, limit) in enumerate(buckets)
+        ]
+        return Admission(decisions, out[1 + 3 * len(buckets) :])
+
+    def _script_of(self, redis: Redis) -> AsyncScript:
         if self._script is None or self._script.registered_client is not redis:
-            self._script = redis.register_script(GCRA_SCRIPT)
+            self._script = redis.register_script(ADMISSION_SCRIPT)
         return self._script
 
 
@@ -169,21 +245,43 @@ class Limiter:
         return limit
 
     async def before_request(self) -> None:
-        if not self.enabled:
-            return
         endpoint = request.endpoint or "unmatched"
-        decisions = []
-        for limit in self.limits_for(request.endpoint):
-            if limit.skip_function is not None and await limit.skip_function():
-                continue
-            key_function = limit.key_function or caller_key
-            key = f"{endpoint}-{limit.key}-{await key_function()}"
-            decisions.append(await self.buckets.acquire(key, limit))
+        limits = []
+        for limit in self.limits_for(request.endpoint) if self.enabled else []:
+            if limit.skip_function is None or not await limit.skip_function():
+                limits.append(limit)
+        admission = await self._admit_caller(endpoint, limits)
+        if admission is not None:
+            decisions = admission.decisions
+        else:
+            buckets = []
+            for limit in limits:
+                key_function = limit.key_function or caller_key
+                buckets.append((f"{endpoint}-{limit.key}-{await key_function()}", limit))
+            decisions = await self.buckets.acquire_all(buckets)
         if decisions:
             g.rate_limit = min(decisions, key=lambda decision: decision.remaining)
         refused = [decision for decision in decisions if not decision.allowed]
         if refused:
             raise RateLimitExceeded(math.ceil(max(d.retry_after for d in refused)))
+
+    async def _admit_caller(self, endpoint: str, limits: list[RateLimit]) -> Admission | None:
+        """The request's caller, limits and cache reads in one round trip to
+        Redis, when its token is valid, its session's mark in Redis says live
+        and its limits are all per caller (the common case); else None, and
+        the session is checked and the limits counted one by one."""
+        caller = await unchecked_request_caller()
+        if caller is None or any(limit.key_function not in (None, caller_key) for limit in limits):
+            return None
+        reads = roles_read_by_request(caller) if cache.enabled() else []
+        buckets = [(f"{endpoint}-{limit.key}-user:{caller.user_id}", limit) for limit in limits]
+        admission = await self.buckets.admit(
+            session_mark_key(caller.session_id), buckets, cache.redis_keys(reads)
+        )
+        if admission is not None:
+            await accept_caller(caller)
+            cache.keep_read(reads, admission.read)
+        return admission
 
     async def after_request(self, response: Response) -> Response:
         decision: Decision | None = g.get("rate_limit")

@@ -75,14 +75,23 @@ def bearer_token(headers: Headers) -> str | None:
 async def authenticate(token: str) -> Caller:
     """The caller an access token or API token speaks for; a 401 unless the
     token is valid and its session live."""
-    if token.startswith(API_TOKEN_PREFIX):
-        caller = await api_token_caller(token)
-        await require_live_session(caller)
-        await note_token_use(caller.session_id)
-        return caller
-    caller = verify_token(token, TokenType.ACCESS, secret_key())
+    caller = await token_caller(token)
     await require_live_session(caller)
+    await note_use(caller)
     return caller
+
+
+async def token_caller(token: str) -> Caller:
+    """The caller a token names, its session not checked; a 401 unless the
+    token itself is valid."""
+    if token.startswith(API_TOKEN_PREFIX):
+        return await api_token_caller(token)
+    return verify_token(token, TokenType.ACCESS, secret_key())
+
+
+async def note_use(caller: Caller) -> None:
+    if caller.api_token:
+        await note_token_use(caller.session_id)
 
 
 # API tokens
@@ -155,10 +164,32 @@ async def request_caller() -> Caller | None:
     return known
 
 
+async def unchecked_request_caller() -> Caller | None:
+    """The caller this request's token names, its session not yet checked:
+    None without a token or with one that is not valid (``request_caller``
+    then says why). The limiter checks the session in its step in Redis and
+    then calls ``accept_caller``."""
+    if "caller" in g:
+        known: Caller | None = g.caller
+        return known
+    try:
+        token = bearer_token(request.headers)
+        return await token_caller(token) if token is not None else None
+    except APIError:
+        return None
+
+
+async def accept_caller(caller: Caller) -> None:
+    """Take *caller* as this request's: its session was found live."""
+    g.caller = caller
+    await note_use(caller)
+
+
 # Sessions
 
 
-def _mark_key(session_id: uuid.UUID) -> str:
+def session_mark_key(session_id: uuid.UUID) -> str:
+    """The Redis key saying whether a session is live (b"1") or revoked (b"0")."""
     return f"taskflow:session:{session_id}"
 
 
@@ -169,7 +200,7 @@ async def session_is_live(caller: Caller) -> bool:
     session_id = caller.session_id
     redis = backends().redis
     try:
-        mark = await redis.call(lambda r: r.get(_mark_key(session_id)))
+        mark = await redis.call(lambda r: r.get(session_mark_key(session_id)))
     except RedisUnavailable:
         return await _session_is_live_in_database(caller)
     if mark is not None:
@@ -198,7 +229,7 @@ async def _mark(session_id: uuid.UUID, live: bool, *, only_if_absent: bool = Fal
     try:
         await backends().redis.call(
             lambda r: r.set(
-                _mark_key(session_id), b"1" if live else b"0", ex=expiry, nx=only_if_absent
+                session_mark_key(session_id), b"1" if live else b"0", ex=expiry, nx=only_if_absent
             )
         )
     except RedisUnavailable:

@@ -4,7 +4,7 @@ script in a real Redis (database 14, flushed before and after)."""
 import asyncio
 import math
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
 from types import SimpleNamespace
 
@@ -16,7 +16,7 @@ from redis.exceptions import RedisError
 
 from taskflow import create_app, limits
 from taskflow.config import Config
-from taskflow.limits import EXTENSION_KEY, GCRA_SCRIPT, Decision, Limiter, MemoryBuckets
+from taskflow.limits import ADMISSION_SCRIPT, EXTENSION_KEY, Decision, Limiter, MemoryBuckets
 
 REDIS_URL = "redis://127.0.0.1:6379/14"
 FIVE_IN_TEN_SECONDS = RateLimit(5, timedelta(seconds=10))  # one every 2 s
@@ -132,17 +132,29 @@ async def redis() -> AsyncIterator[aioredis.Redis]:
 
 
 def script_args(limit: RateLimit) -> list[int]:
-    """The script's arguments as ``Buckets.acquire`` passes them."""
+    """A bucket's arguments as ``Buckets`` passes them: its interval and tolerance."""
     interval = limit.inverse * 1_000_000
     return [int(interval), int(limit.period.total_seconds() * 1_000_000 - interval)]
 
 
+def gcra(redis: aioredis.Redis) -> Callable[[str, RateLimit], Awaitable[list[int]]]:
+    """The admission script spending one request in one bucket, no session
+    mark and nothing read: its [allowed, wait µs, full µs]."""
+    script = redis.register_script(ADMISSION_SCRIPT)
+
+    async def spend(key: str, limit: RateLimit) -> list[int]:
+        out = await script(keys=[key], args=[0, 1, *script_args(limit)])
+        return list(out[1:4])
+
+    return spend
+
+
 async def test_concurrent_requests_never_slip_past_the_limit(redis: aioredis.Redis) -> None:
     limit = RateLimit(10, timedelta(minutes=1))
-    script = redis.register_script(GCRA_SCRIPT)
+    spend = gcra(redis)
     key = f"taskflow:limit:test-{uuid.uuid4()}"
     results = await asyncio.gather(
-        *(script(keys=[key], args=script_args(limit)) for _ in range(100))
+        *(spend(key, limit) for _ in range(100))
     )
     decisions = [Decision.of(limit, bool(allowed), wait, full) for allowed, wait, full in results]
     allowed = [d for d in decisions if d.allowed]
@@ -155,9 +167,9 @@ async def test_concurrent_requests_never_slip_past_the_limit(redis: aioredis.Red
 
 async def test_a_bucket_expires_once_it_is_full_again(redis: aioredis.Redis) -> None:
     limit = RateLimit(10, timedelta(minutes=1))
-    script = redis.register_script(GCRA_SCRIPT)
+    spend = gcra(redis)
     key = f"taskflow:limit:test-{uuid.uuid4()}"
-    allowed, wait, full = await script(keys=[key], args=script_args(limit))
+    allowed, wait, full = await spend(key, limit)
     assert (allowed, wait) == (1, 0)
     assert 5_990_000 < full <= 6_000_000
     assert 5_900 < await redis.pttl(key) <= 6_000
@@ -168,10 +180,10 @@ async def test_an_interval_under_a_millisecond_still_expires(
     redis: aioredis.Redis, count: int
 ) -> None:
     limit = RateLimit(count, timedelta(seconds=1))
-    script = redis.register_script(GCRA_SCRIPT)
+    spend = gcra(redis)
     key = f"taskflow:limit:test-{uuid.uuid4()}"
     assert script_args(limit)[0] == math.floor(1_000_000 / count)
-    allowed, _wait, _full = await script(keys=[key], args=script_args(limit))
+    allowed, _wait, _full = await spend(key, limit)
     assert allowed == 1
     ttl = await redis.pttl(key)
     assert ttl != -1  # -1: a key that never expires; -2: already gone
@@ -181,11 +193,11 @@ async def test_an_interval_under_a_millisecond_still_expires(
 async def test_a_bucket_whose_time_has_passed_is_a_full_bucket(redis: aioredis.Redis) -> None:
     """A key left holding a time in the past (its expiry rounds up to the millisecond)."""
     limit = RateLimit(10, timedelta(minutes=1))
-    script = redis.register_script(GCRA_SCRIPT)
+    spend = gcra(redis)
     key = f"taskflow:limit:test-{uuid.uuid4()}"
     seconds, microseconds = await redis.time()
     await redis.set(key, (seconds - 3600) * 1_000_000 + microseconds, px=10_000)
     results = await asyncio.gather(
-        *(script(keys=[key], args=script_args(limit)) for _ in range(20))
+        *(spend(key, limit) for _ in range(20))
     )
     assert sum(allowed for allowed, _wait, _full in results) == 10

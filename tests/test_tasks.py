@@ -15,6 +15,7 @@ from taskflow.db import backends
 
 from .support import (
     ON_POSTGRES,
+    redis_only,
     TestUser,
     create_project,
     create_task,
@@ -482,6 +483,44 @@ async def test_reads_take_few_round_trips_and_the_cache_takes_the_rest(
         # With the cache: the membership is cached by now, the task after one read.
         task_and_membership = (0 if read else 1) if cached else 2
         assert len(sent) == session_check + task_and_membership, sent
+
+
+@asynccontextmanager
+async def redis_round_trips(app: Quart) -> AsyncIterator[list[int]]:
+    """How many round trips to Redis the app makes meanwhile (one list item each)."""
+    made: list[int] = []
+    async with app.app_context():
+        gate = backends().redis
+    original = gate.call
+
+    async def counted(command: Any) -> Any:
+        made.append(1)
+        return await original(command)
+
+    gate.call = counted  # type: ignore[method-assign]
+    try:
+        yield made
+    finally:
+        del gate.call
+
+
+@redis_only
+async def test_an_authenticated_read_takes_one_round_trip_to_redis(
+    client: Client, app: Quart, project: dict[str, Any], owner: TestUser
+) -> None:
+    """The session check, the rate limit and the caller's membership: one step."""
+    await create_task(client, project, owner)
+    url = f"/projects/{project['id']}/tasks"
+    await client.get(url, headers=owner.headers)  # the session's mark and the role cached
+    for _ in range(3):
+        async with redis_round_trips(app) as made:
+            response = await client.get(url, headers=owner.headers)
+        assert response.status_code == 200
+        assert len(made) == 1
+    # Its session's mark says revoked once it is: the step spends and reads nothing.
+    await client.post("/auth/logout", headers=owner.headers)
+    response = await client.get(url, headers=owner.headers)
+    assert response.status_code == 401
 
 
 async def test_a_cursor_past_long_wide_titles_is_accepted(
