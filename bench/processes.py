@@ -7,6 +7,7 @@ import asyncio
 import os
 import socket
 import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -83,29 +84,62 @@ async def python_module(module: str, *args: str) -> str:
     return await output_of(sys.executable, "-m", module, *args)
 
 
+# How each ASGI server is started: TaskFlow runs on hypercorn as the Procfile
+# has it; the reference runs on these, with each one's fastest event loop and
+# HTTP parser, so that its ceiling is the fastest server's.
+ASGI_SERVERS = ("hypercorn", "uvicorn", "granian")
+
+
+def server_command(asgi_server: str, app: str, port: int, workers: int) -> list[str]:
+    """The command line serving *app* on 127.0.0.1:*port* with *workers* processes."""
+    if asgi_server == "hypercorn":
+        return [sys.executable, "-m", "hypercorn", "--config", "file:taskflow/hypercorn_config.py",
+                app, "--bind", f"127.0.0.1:{port}", "--workers", str(workers)]  # fmt: skip
+    if asgi_server == "uvicorn":
+        return [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port),
+                "--workers", str(workers), "--loop", "uvloop", "--http", "httptools",
+                "--no-access-log", "--log-level", "warning"]  # fmt: skip
+    if asgi_server == "granian":
+        return [sys.executable, "-m", "granian", "--interface", "asgi", "--host", "127.0.0.1",
+                "--port", str(port), "--workers", str(workers), "--loop", "uvloop",
+                "--http", "1", "--no-ws", "--log-level", "warning", app]  # fmt: skip
+    raise ValueError(f"bench: no ASGI server {asgi_server!r}")
+
+
 @asynccontextmanager
-async def serve(app: str, env: dict[str, str], workers: int) -> AsyncIterator[str]:
-    """Hypercorn serving *app* as the Procfile does; yields its base URL once it answers."""
-    async with server(app, env, workers) as (url, _pid):
+async def serve(
+    app: str, env: dict[str, str], workers: int, asgi_server: str = "hypercorn"
+) -> AsyncIterator[str]:
+    """*app* served as the Procfile does (hypercorn) or by another ASGI
+    server; yields its base URL once it answers."""
+    async with server(app, env, workers, asgi_server) as (url, _pid):
         yield url
 
 
 @asynccontextmanager
-async def server(app: str, env: dict[str, str], workers: int) -> AsyncIterator[tuple[str, int]]:
-    """As ``serve``, and the pid of hypercorn's master (its workers are its children)."""
+async def server(
+    app: str, env: dict[str, str], workers: int, asgi_server: str = "hypercorn"
+) -> AsyncIterator[tuple[str, int]]:
+    """As ``serve``, and the pid of the server's master (its workers are its children)."""
     port = free_port()
     async with process(
-        sys.executable, "-m", "hypercorn", "--config", "file:taskflow/hypercorn_config.py", app,
-        "--bind", f"127.0.0.1:{port}", "--workers", str(workers),
-        env={**os.environ, **env},
+        *server_command(asgi_server, app, port, workers), env={**os.environ, **env},
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
     ) as master:  # fmt: skip
         url = f"http://127.0.0.1:{port}"
+        # Servers start side by side on a machine that may be busy: a minute.
+        deadline = time.monotonic() + 60
         async with httpx.AsyncClient() as http:
-            for _ in range(400):
+            while True:
+                if master.returncode is not None:
+                    raise RuntimeError(f"bench: {asgi_server} serving {app} exited at start")
                 try:
                     await http.get(f"{url}/healthz")
                     break
                 except httpx.TransportError:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(
+                            f"bench: {asgi_server} serving {app} did not answer in a minute"
+                        ) from None
                     await asyncio.sleep(0.05)
         yield url, master.pid
