@@ -7,12 +7,12 @@
 
 It creates a fresh database, seeds it with COPY, starts TaskFlow the way the
 Procfile does (hypercorn, uvloop, one worker per core) and the reference
-server beside it, and drives both from separate processes: wrk, an
-open-loop client (bench/arrival.py) and WebSocket subscribers
-(bench/fanout.py); what gzip costs a task page is also timed in this process
-(bench/gzip_cost.py). It prints Markdown tables: the measurements, gzip's cost
-per level, then the targets with whether each is met. It exits non-zero if
-any request failed.
+beside it on hypercorn, uvicorn and granian, and drives them from separate
+processes: wrk, an open-loop client (bench/arrival.py) and WebSocket
+subscribers (bench/fanout.py); what gzip costs a task page is also timed in
+this process (bench/gzip_cost.py). It prints Markdown tables: the
+measurements, gzip's cost per level, then the targets with whether each is
+met. It exits non-zero if any request failed.
 """
 
 from __future__ import annotations
