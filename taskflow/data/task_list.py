@@ -15,7 +15,18 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-from sqlalchemy import ColumnElement, and_, bindparam, or_, select, text, tuple_, union_all
+from sqlalchemy import (
+    ColumnElement,
+    and_,
+    any_,
+    bindparam,
+    or_,
+    select,
+    text,
+    tuple_,
+    union_all,
+)
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.expression import TextClause
 
@@ -166,7 +177,7 @@ def page_statement(shape: PageShape) -> AnySelect:
 def filter_conditions(shape: PageShape) -> list[Condition]:
     conditions: list[Condition] = []
     if shape.status:
-        conditions.append(Task.status.in_(bindparam("statuses", expanding=True)))
+        conditions.append(status_in(shape.dialect))
     if shape.unassigned:
         conditions.append(Task.assignee_id.is_(None))
     if shape.assignee:
@@ -178,6 +189,16 @@ def filter_conditions(shape: PageShape) -> list[Condition]:
     if shape.word_count:
         conditions.append(search(shape.word_count, shape.dialect))
     return conditions
+
+
+def status_in(dialect: str) -> Condition:
+    """The status is one of the bound ``statuses``: on PostgreSQL one array
+    parameter, so the statement's text is the same for any number of them and
+    needs no rendering per request (an expanding IN did, a twentieth of a
+    page's CPU)."""
+    if dialect == "postgresql":
+        return Task.status == any_(bindparam("statuses", type_=ARRAY(Task.status.type)))
+    return Task.status.in_(bindparam("statuses", expanding=True))
 
 
 def search(word_count: int, dialect: str) -> Condition:
