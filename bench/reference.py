@@ -59,7 +59,13 @@ async def lifespan(receive: Any, send: Any) -> None:
     while True:
         message = await receive()
         if message["type"] == "lifespan.startup":
-            pool = await asyncpg.create_pool(DSN, min_size=2, max_size=10)
+            # TaskFlow's pool of 10 a worker; a connection idle for a second
+            # is closed, so that the servers not under load (a run has five,
+            # two workers each) leave PostgreSQL's 100 connections to the one
+            # that is.
+            pool = await asyncpg.create_pool(
+                DSN, min_size=1, max_size=10, max_inactive_connection_lifetime=1
+            )
             await send({"type": "lifespan.startup.complete"})
         elif message["type"] == "lifespan.shutdown":
             if pool is not None:
