@@ -7,6 +7,13 @@ wait in an ``Outbox`` bounded in bytes; a client that cannot keep up with live
 events is dropped (it may resume with ``since``), so nobody waits for the
 slowest, and a catch-up is paced by the client's reading. Streams and fan-out
 are in ``streams``.
+
+A fan-out sends one event to every subscriber at once, so a frame's way out
+is kept short: frames go straight to the ASGI server's send callable (which
+``DirectSend`` puts in the socket's scope), without Quart's per-send work,
+and each login session is checked once however many sockets it holds
+(``SessionWatch``). Whether hypercorn compresses frames is
+``ws_compression``'s (bench/README.md, "WebSocket fan-out (issue 17)").
 """
 
 from __future__ import annotations
@@ -19,14 +26,16 @@ import sys
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from datetime import timedelta
-from typing import Annotated, Literal
+from typing import Annotated, Literal, cast
 
+from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from quart import Blueprint, Quart, current_app, websocket
 from quart_rate_limiter import RateLimit
 
+from . import ws_compression
 from .access import current_role
 from .config import Config
 from .data.events import READ_PAGE_SIZE, event_page, latest_event_id
@@ -59,6 +68,9 @@ CLOSE_RESTARTING = 1012
 CLOSE_SERVER_ERROR = 1011
 
 EXTENSION_KEY = "taskflow.hub"
+SESSIONS_KEY = "taskflow.ws_sessions"
+# Where ``DirectSend`` puts a socket's ASGI send callable in its scope.
+SEND_EXTENSION = "taskflow.send"
 
 
 # Frames a client sends
@@ -230,6 +242,11 @@ class Outbox:
         self._drained.set()
         return frame
 
+    @property
+    def waiting(self) -> bool:
+        """Whether frames are waiting."""
+        return bool(self._frames)
+
     def clear(self) -> None:
         self._worker.used -= self._bytes
         self._frames.clear()
@@ -262,11 +279,12 @@ class Connection:
     async def serve(self) -> None:
         await websocket.send(frame_of({"type": "ready", "user_id": str(self.user_id)}))
         hub_ = hub()
+        sessions: SessionWatch = current_app.extensions[SESSIONS_KEY]
         hub_.sockets.add(self)
+        sessions.add(self)
         tasks = [
             asyncio.create_task(self._receive()),
-            asyncio.create_task(self._send()),
-            asyncio.create_task(self._watch_session()),
+            asyncio.create_task(self._send(asgi_send())),
         ]
         try:
             await self.done.wait()
@@ -274,24 +292,13 @@ class Connection:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            sessions.discard(self)
             for subscription in tuple(self.subscriptions.values()):
                 self._unsubscribe(subscription)
             hub_.sockets.discard(self)
             self.outbox.clear()
         if self.close_code is not None:
             await close_socket(self.close_code, self.close_reason)
-
-    async def _watch_session(self) -> None:
-        while True:
-            await asyncio.sleep(SESSION_CHECK_SECONDS)
-            try:
-                live = await session_is_live(self.caller)
-            except Exception:  # the database is away: keep the socket, check again later
-                log.warning("session check failed", exc_info=True)
-                continue
-            if not live:
-                self.close(CLOSE_UNAUTHORIZED, "session_revoked")
-                return
 
     # Receiving
 
@@ -416,12 +423,93 @@ class Connection:
             # Too slow to keep up: drop it rather than make anyone wait.
             self.close(CLOSE_TOO_SLOW, "too slow")
 
-    async def _send(self) -> None:
+    async def _send(self, send: ASGISendCallable) -> None:
+        """Send the outbox's frames as they come. Straight to the server: Quart's
+        ``websocket.send`` yields to the loop and fires a signal on every frame,
+        which in a fan-out to a thousand sockets is a good part of the tail."""
         try:
             while True:
-                await websocket.send(await self.outbox.get())
+                frame = await self.outbox.get()
+                await send({"type": "websocket.send", "bytes": None, "text": frame})
+                if self.outbox.waiting:
+                    # A catch-up: let the other sockets have the loop between frames.
+                    await asyncio.sleep(0)
         finally:
             self.done.set()
+
+
+class SessionWatch:
+    """The login sessions (and API tokens) of this process's sockets, each
+    checked every ``SESSION_CHECK_SECONDS`` however many sockets it holds: a
+    revoked one closes them all with 4401. (One check per socket was a Redis
+    call every 2 ms for a thousand sockets, and more than Redis's pool and then
+    the database's could serve once a fan-out held the loop up.)"""
+
+    def __init__(self) -> None:
+        self._sockets: dict[uuid.UUID, set[Connection]] = {}
+        self._watchers: dict[uuid.UUID, asyncio.Task[None]] = {}
+
+    def add(self, connection: Connection) -> None:
+        session_id = connection.caller.session_id
+        self._sockets.setdefault(session_id, set()).add(connection)
+        if session_id not in self._watchers:
+            self._watchers[session_id] = asyncio.create_task(
+                self._watch(connection.caller), name=f"ws-session-{session_id}"
+            )
+
+    def discard(self, connection: Connection) -> None:
+        session_id = connection.caller.session_id
+        sockets = self._sockets.get(session_id)
+        if sockets is None:
+            return
+        sockets.discard(connection)
+        if not sockets:
+            del self._sockets[session_id]
+            self._watchers.pop(session_id).cancel()
+
+    async def _watch(self, caller: Caller) -> None:
+        while True:
+            await asyncio.sleep(SESSION_CHECK_SECONDS)
+            try:
+                live = await session_is_live(caller)
+            except Exception:  # the database is away: keep the sockets, check again later
+                log.warning("session check failed", exc_info=True)
+                continue
+            if not live:
+                for connection in tuple(self._sockets.get(caller.session_id, ())):
+                    connection.close(CLOSE_UNAUTHORIZED, "session_revoked")
+                return
+
+    async def close(self) -> None:
+        watchers = list(self._watchers.values())
+        for watcher in watchers:
+            watcher.cancel()
+        await asyncio.gather(*watchers, return_exceptions=True)
+
+
+class DirectSend:
+    """ASGI middleware: puts a WebSocket's send callable in its scope's
+    extensions (``SEND_EXTENSION``), where ``Connection`` finds it through
+    ``websocket.scope``. Everything else passes through untouched."""
+
+    def __init__(
+        self, app: Callable[[Scope, ASGIReceiveCallable, ASGISendCallable], Awaitable[None]]
+    ) -> None:
+        self.app = app
+
+    async def __call__(
+        self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> None:
+        if scope["type"] == "websocket":
+            extensions = {**(scope.get("extensions") or {}), SEND_EXTENSION: {"send": send}}
+            scope["extensions"] = extensions
+        await self.app(scope, receive, send)
+
+
+def asgi_send() -> ASGISendCallable:
+    """This socket's ASGI send callable (``DirectSend``)."""
+    extensions = websocket.scope.get("extensions") or {}
+    return cast(ASGISendCallable, extensions[SEND_EXTENSION]["send"])
 
 
 async def close_socket(code: int, reason: str) -> None:
@@ -470,6 +558,9 @@ def log_socket(started: float, close_code: int | None) -> None:
 
 
 def init_app(app: Quart) -> None:
+    ws_compression.install(app.config["TASKFLOW"].ws_compression)
+    app.asgi_app = DirectSend(app.asgi_app)  # type: ignore[method-assign]
+
     @app.while_serving
     async def lifespan() -> AsyncGenerator[None, None]:
         config: Config = app.config["TASKFLOW"]
@@ -478,6 +569,7 @@ def init_app(app: Quart) -> None:
             DatabaseLog(backends().read_sessionmaker),
             ByteBudget(config.ws_worker_buffer_bytes),
         )
+        sessions = app.extensions[SESSIONS_KEY] = SessionWatch()
         await hub_.start()
         # Under hypercorn's workers SIGTERM would end this process outright:
         # instead, close the sockets with 1012 (clients reconnect elsewhere)
@@ -492,5 +584,7 @@ def init_app(app: Quart) -> None:
         if handled:
             loop.remove_signal_handler(signal.SIGTERM)
         await app.extensions.pop(EXTENSION_KEY).close()
+        await sessions.close()
+        del app.extensions[SESSIONS_KEY]
 
     app.register_blueprint(blueprint)

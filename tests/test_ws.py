@@ -31,6 +31,7 @@ from taskflow.tokens import Caller, issue_tokens
 
 from .support import (
     ON_POSTGRES,
+    PASSWORD,
     TEST_REDIS_URL,
     TEST_SECRET,
     TestUser,
@@ -377,6 +378,26 @@ async def test_logout_closes_the_socket(server: str, http: httpx.AsyncClient) ->
         await user.call("POST", "/auth/logout", expect=204)
         assert await close_code(ws, timeout=6) == 4401
         assert time.monotonic() - started < 5
+
+
+async def test_logout_closes_every_socket_of_its_session_and_no_other(
+    server: str, http: httpx.AsyncClient
+) -> None:
+    # One check a session, however many sockets it holds (ws.SessionWatch).
+    user = await Api.register(http)
+    other_login = await http.post("/auth/login", json={"email": user.email, "password": PASSWORD})
+    other_headers = {"Authorization": f"Bearer {other_login.json()['access_token']}"}
+    async with (
+        await ready(server, user) as first,
+        await ready(server, user) as second,
+        await websockets.connect(ws_url(server), additional_headers=other_headers) as other,
+    ):
+        assert (await receive(other))["type"] == "ready"
+        await user.call("POST", "/auth/logout", expect=204)
+        assert await close_code(first, timeout=6) == 4401
+        assert await close_code(second, timeout=6) == 4401
+        await other.send(json.dumps({"type": "ping"}))
+        assert await receive(other) == {"type": "pong"}
 
 
 def stalled_subscriber(
