@@ -12,12 +12,11 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
-from quart import request
 from sqlalchemy import and_, bindparam, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from . import cache
-from .db import READ_METHODS, rows
+from .db import rows
 from .errors import APIError
 from .models import MemberRole, Project, ProjectMember, Task
 from .tokens import Caller
@@ -80,15 +79,6 @@ async def member_role(
         return role
 
     return await cache.through(role_key(project_id, caller.user_id), load)
-
-
-def roles_read_by_request(caller: Caller) -> list[cache.CacheKey[MemberRole | None]]:
-    """The role a read of a project's route will look up (``member_role``):
-    for the limiter to read in its step in Redis, before the view asks."""
-    project_id = (request.view_args or {}).get("project_id")
-    if request.method not in READ_METHODS or not isinstance(project_id, uuid.UUID):
-        return []
-    return [role_key(project_id, caller.user_id)] if caller.reaches(project_id) else []
 
 
 async def require_member(

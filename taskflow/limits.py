@@ -28,11 +28,10 @@ from quart_rate_limiter import (
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
-from . import cache
-from .access import roles_read_by_request
 from .config import Config
 from .db import backends
 from .errors import APIError
+from .read_ahead import ReadAhead, read_ahead
 from .redis_gate import RedisUnavailable
 from .schemas import normalize_email
 from .security import (
@@ -46,13 +45,16 @@ EXTENSION_KEY = "taskflow.limiter"
 
 # A request's one round trip to Redis before its view runs: its caller's
 # session mark, the GCRA of each of its limits, and the cache entries its view
-# will read. KEYS: [the session mark,] the limits' buckets, the keys to read.
-# ARGV[1]: 1 when KEYS[1] is a session mark, else 0; ARGV[2]: the number of
-# buckets; then each bucket's emission interval and burst tolerance, in µs.
+# will read (``read_ahead``). KEYS: [the session mark,] the limits' buckets,
+# the keys to read. ARGV[1]: 1 when KEYS[1] is a session mark, else 0;
+# ARGV[2]: the number of buckets; then each bucket's emission interval and
+# burst tolerance, in µs; then, optionally, the names of keys to read next,
+# space separated, '{}' standing for the first word of the first value read
+# after its generation (a task's cache entry: its project's id).
 # Returns {mark} alone, nothing spent, when a session mark is not '1' (the
 # session is then checked apart). Else {mark, then for each bucket: allowed,
 # µs until a request would be allowed, µs until the bucket is full; then the
-# values read}.
+# values read; then the word found and the values read next}.
 ADMISSION_SCRIPT = """
 local marked = tonumber(ARGV[1])
 local mark = false
@@ -82,6 +84,18 @@ for i = 1, buckets do
 end
 for i = marked + buckets + 1, #KEYS do
   out[#out + 1] = redis.call('GET', KEYS[i])
+end
+local next_names = ARGV[3 + 2 * buckets]
+if next_names then
+  local first = out[2 + 3 * buckets]
+  local word = first and string.match(first, '^[^:]*:([%w-]+) ')
+  out[#out + 1] = word or false
+  if word then
+    for name in string.gmatch(next_names, '%S+') do
+      -- Named by a value, not declared in KEYS: one Redis, not a cluster.
+      out[#out + 1] = redis.call('GET', (string.gsub(name, '{}', word)))
+    end
+  end
 end
 return out
 """
@@ -145,18 +159,18 @@ class Buckets:
     async def acquire_all(self, buckets: Sequence[tuple[str, RateLimit]]) -> list[Decision]:
         """One request spent in each of *buckets* (key and limit)."""
         try:
-            admission = await self._step(buckets, None, [])
+            admission = await self._step(buckets, None, None)
         except RedisUnavailable:
             return [self.memory.acquire(key, limit) for key, limit in buckets]
         assert admission is not None  # nosec B101: without a session mark, never None
         return admission.decisions
 
     async def admit(
-        self, session_mark: str, buckets: Sequence[tuple[str, RateLimit]], reads: Sequence[str]
+        self, session_mark: str, buckets: Sequence[tuple[str, RateLimit]], reads: ReadAhead
     ) -> Admission | None:
         """If *session_mark* says the caller's session is live, one request
-        spent in each of *buckets*, and the values of *reads*, in one round
-        trip; None, nothing spent, when it does not or Redis does not answer."""
+        spent in each of *buckets*, and *reads* read, in one round trip; None,
+        nothing spent, when it does not or Redis does not answer."""
         try:
             return await self._step(buckets, session_mark, reads)
         except RedisUnavailable:
@@ -166,16 +180,21 @@ class Buckets:
         self,
         buckets: Sequence[tuple[str, RateLimit]],
         session_mark: str | None,
-        reads: Sequence[str],
+        reads: ReadAhead | None,
     ) -> Admission | None:
         keys = [session_mark] if session_mark is not None else []
         keys += [f"taskflow:limit:{key}" for key, _limit in buckets]
-        args = [int(session_mark is not None), len(buckets)]
+        args: list[int | str] = [int(session_mark is not None), len(buckets)]
         for _key, limit in buckets:
             interval = limit.inverse * 1_000_000
             args += [int(interval), int(limit.period.total_seconds() * 1_000_000 - interval)]
+        if reads is not None:
+            keys += reads.redis_keys()
+            then = reads.then_template()
+            if then is not None:
+                args.append(then)
         out = await backends().redis.call(
-            lambda redis: self._script_of(redis)(keys=[*keys, *reads], args=args)
+            lambda redis: self._script_of(redis)(keys=keys, args=args)
         )
         if session_mark is not None and out[0] != b"1":
             return None
@@ -273,14 +292,12 @@ class Limiter:
         caller = await unchecked_request_caller()
         if caller is None or any(limit.key_function not in (None, caller_key) for limit in limits):
             return None
-        reads = roles_read_by_request(caller) if cache.enabled() else []
+        reads = read_ahead(caller)
         buckets = [(f"{endpoint}-{limit.key}-user:{caller.user_id}", limit) for limit in limits]
-        admission = await self.buckets.admit(
-            session_mark_key(caller.session_id), buckets, cache.redis_keys(reads)
-        )
+        admission = await self.buckets.admit(session_mark_key(caller.session_id), buckets, reads)
         if admission is not None:
             await accept_caller(caller)
-            cache.keep_read(reads, admission.read)
+            reads.keep(admission.read)
         return admission
 
     async def after_request(self, response: Response) -> Response:

@@ -506,20 +506,28 @@ async def redis_round_trips(app: Quart) -> AsyncIterator[list[int]]:
 
 @redis_only
 async def test_an_authenticated_read_takes_one_round_trip_to_redis(
-    client: Client, app: Quart, project: dict[str, Any], owner: TestUser
+    client: Client, app: Quart, project: dict[str, Any], owner: TestUser, stranger: TestUser
 ) -> None:
-    """The session check, the rate limit and the caller's membership: one step."""
-    await create_task(client, project, owner)
-    url = f"/projects/{project['id']}/tasks"
-    await client.get(url, headers=owner.headers)  # the session's mark and the role cached
-    for _ in range(3):
+    """The session check, the rate limit and the caller's membership (and the
+    task, whose project names the membership): one step."""
+    task = await create_task(client, project, owner)
+    urls = [f"/projects/{project['id']}/tasks", f"/tasks/{task['id']}"]
+    for url in urls:  # the session's mark, the task and the role cached
+        await client.get(url, headers=owner.headers)
+    for url in urls * 3:
         async with redis_round_trips(app) as made:
             response = await client.get(url, headers=owner.headers)
         assert response.status_code == 200
-        assert len(made) == 1
+        assert len(made) == 1, url
+    # A stranger to the project reads the task as absent, in one step too.
+    for _ in range(2):
+        async with redis_round_trips(app) as made:
+            response = await client.get(urls[1], headers=stranger.headers)
+        assert response.status_code == 404
+    assert len(made) == 1
     # Its session's mark says revoked once it is: the step spends and reads nothing.
     await client.post("/auth/logout", headers=owner.headers)
-    response = await client.get(url, headers=owner.headers)
+    response = await client.get(urls[0], headers=owner.headers)
     assert response.status_code == 401
 
 
