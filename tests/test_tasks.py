@@ -15,11 +15,11 @@ from taskflow.db import backends
 
 from .support import (
     ON_POSTGRES,
-    redis_only,
     TestUser,
     create_project,
     create_task,
     problem_of,
+    redis_only,
     snapshot,
     tampered,
 )
