@@ -153,9 +153,7 @@ async def test_concurrent_requests_never_slip_past_the_limit(redis: aioredis.Red
     limit = RateLimit(10, timedelta(minutes=1))
     spend = gcra(redis)
     key = f"taskflow:limit:test-{uuid.uuid4()}"
-    results = await asyncio.gather(
-        *(spend(key, limit) for _ in range(100))
-    )
+    results = await asyncio.gather(*(spend(key, limit) for _ in range(100)))
     decisions = [Decision.of(limit, bool(allowed), wait, full) for allowed, wait, full in results]
     allowed = [d for d in decisions if d.allowed]
     assert len(allowed) == 10
@@ -197,7 +195,5 @@ async def test_a_bucket_whose_time_has_passed_is_a_full_bucket(redis: aioredis.R
     key = f"taskflow:limit:test-{uuid.uuid4()}"
     seconds, microseconds = await redis.time()
     await redis.set(key, (seconds - 3600) * 1_000_000 + microseconds, px=10_000)
-    results = await asyncio.gather(
-        *(spend(key, limit) for _ in range(20))
-    )
+    results = await asyncio.gather(*(spend(key, limit) for _ in range(20)))
     assert sum(allowed for allowed, _wait, _full in results) == 10
