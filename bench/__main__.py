@@ -77,6 +77,7 @@ class Report:
     targets: list[Target] = field(default_factory=list)
     cache_gains: list[str] = field(default_factory=list)
     ceilings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
     gzip_costs: list[GzipCost] = field(default_factory=list)
     gzip_note: str = ""
 
@@ -147,12 +148,14 @@ async def http_part(seeded: Seeded, scale: Scale, report: Report) -> None:
     env = taskflow_env(seeded.dsn)
     closed_loop = (scale.seconds, scale.connections)
     async with AsyncExitStack() as stack:
-        taskflow, uncached, *references = await serving(
+        served = await serving(
             stack,
             ("wsgi:app", env, "hypercorn"),
             ("wsgi:app", {**env, "TASKFLOW_CACHE_ENABLED": "false"}, "hypercorn"),
             *(("bench.reference:app", env, asgi_server) for asgi_server in ASGI_SERVERS),
         )
+        pids = dict(served)  # each server's master, by its base URL
+        taskflow, uncached, *references = [url for url, _pid in served]
         token = await log_in(taskflow, seeded.email)
         api_token = await new_api_token(taskflow, token)
         page = list_page(taskflow, seeded.list_project)
@@ -177,7 +180,8 @@ async def http_part(seeded: Seeded, scale: Scale, report: Report) -> None:
         for _ in range(scale.rounds):  # interleaved, so all see the same machine; the best kept
             for name, url in {**lists, **gets}.items():
                 bearer = api_token if "API token" in name else token
-                runs.append(await wrk(name, url, *closed_loop, token=bearer))
+                pid = next(pid for base, pid in pids.items() if url.startswith(base))
+                runs.append(await wrk(name, url, *closed_loop, token=bearer, server_pid=pid))
         best = fastest(runs)
         report.results += best.values()
         alone = best["list tasks (TaskFlow)"]
@@ -196,7 +200,7 @@ async def http_part(seeded: Seeded, scale: Scale, report: Report) -> None:
             with_cache = best[f"{route} (TaskFlow)"].requests_per_second
             gain = with_cache / best[f"{route}, no cache (TaskFlow)"].requests_per_second
             report.cache_gains.append(f"{route}: {gain:.2f}x the req/s without the cache")
-        await list_at_fixed_arrival_rate(page, token, scale, alone, report)
+        await list_at_fixed_arrival_rate(page, token, scale, alone, pids[taskflow], report)
         # Logins last: the server goes on hashing the passwords of requests
         # still in flight when wrk stops.
         report.results += [
@@ -209,13 +213,15 @@ async def http_part(seeded: Seeded, scale: Scale, report: Report) -> None:
         await list_under_login_flood(taskflow, seeded, token, scale, alone, report)
 
 
-async def serving(stack: AsyncExitStack, *servers: tuple[str, dict[str, str], str]) -> list[str]:
+async def serving(
+    stack: AsyncExitStack, *servers: tuple[str, dict[str, str], str]
+) -> list[tuple[str, int]]:
     """Each (app, environment, ASGI server) served with one worker per core,
     started side by side (each takes seconds to import its app), stopped when
-    *stack* closes; their base URLs in the same order."""
+    *stack* closes; their base URLs and masters' pids in the same order."""
     async with asyncio.TaskGroup() as group:
         started = [
-            group.create_task(stack.enter_async_context(serve(app, env, CORES, asgi_server)))
+            group.create_task(stack.enter_async_context(server(app, env, CORES, asgi_server)))
             for app, env, asgi_server in servers
         ]
     return [task.result() for task in started]
@@ -276,18 +282,26 @@ async def list_under_login_flood(
 
 
 async def list_at_fixed_arrival_rate(
-    page: str, token: str, scale: Scale, alone: Result, report: Report
+    page: str, token: str, scale: Scale, alone: Result, pid: int, report: Report
 ) -> None:
+    """The list at 70 % of its best req/s, open loop; and TaskFlow's CPU a
+    request there beside the closed-loop run's."""
     rate = ARRIVAL_SHARE * alone.requests_per_second
+    cpu_before = cpu_seconds_of_tree(pid)
     arrival = json.loads(
         await python_module("bench.arrival", page, "--token", token, "--rate", f"{rate:.1f}",
                             "--seconds", str(scale.seconds))
     )  # fmt: skip
+    cpu_us = (cpu_seconds_of_tree(pid) - cpu_before) / max(arrival["sent"], 1) * 1e6
     report.results.append(
         Result(f"list tasks, fixed arrival rate {rate:,.0f}/s (TaskFlow)",
                arrival["sent"] / scale.seconds, arrival["p50_ms"], arrival["p99_ms"],
-               arrival["errors"])
+               arrival["errors"], requests=arrival["sent"], server_us=cpu_us)
     )  # fmt: skip
+    report.notes.append(
+        f"TaskFlow's CPU a list request: {alone.server_us:,.0f} µs closed loop, {cpu_us:,.0f} µs "
+        f"at the fixed arrival rate ({cpu_us / alone.server_us:.2f}x)"
+    )
     report.targets.append(
         Target(
             f"list p99 at a fixed arrival rate ({ARRIVAL_SHARE:.0%} of max) ≤ 50 ms, no errors",
@@ -401,15 +415,18 @@ async def scale_part(admin: str, scale: Scale, report: Report) -> None:
 def print_tables(report: Report) -> None:
     print(
         "| measurement | req/s | p50 ms | p99 ms | errors | shed (503) "
-        "| PostgreSQL µs/req | Redis µs/req |"
+        "| server µs/req | PostgreSQL µs/req | Redis µs/req |"
     )
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for result in report.results:
         print(f"| {result.name} | {result.requests_per_second:,.0f} | {result.p50_ms:.1f} "
               f"| {result.p99_ms:.1f} | {result.errors} | {result.shed} "
-              f"| {result.postgres_us:,.0f} | {result.redis_us:,.0f} |")  # fmt: skip
+              f"| {result.server_us:,.0f} | {result.postgres_us:,.0f} "
+              f"| {result.redis_us:,.0f} |")  # fmt: skip
     if report.ceilings:
         print("\nTaskFlow against the reference: " + "; ".join(report.ceilings) + ".")
+    for note in report.notes:
+        print(f"\n{note}.")
     if report.cache_gains:
         print("\nThe cache: " + "; ".join(report.cache_gains) + ".")
     if report.gzip_costs:

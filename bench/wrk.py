@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .processes import cpu_seconds_of, output_of
+from .processes import cpu_seconds_of, cpu_seconds_of_tree, output_of
 
 HERE = Path(__file__).resolve().parent
 
@@ -23,6 +23,7 @@ class Result:
     redis_us: float = float("nan")  # Redis's, likewise
     bytes_per_response: float = float("nan")  # on the wire, headers included
     requests: int = 0
+    server_us: float = float("nan")  # the serving processes' CPU per request, when given
 
 
 async def wrk(
@@ -35,9 +36,11 @@ async def wrk(
     script: str | None = None,
     script_args: tuple[str, ...] = (),
     headers: tuple[str, ...] = (),
+    server_pid: int | None = None,
 ) -> Result:
     """*script* names a Lua file in bench/ (wrk's -s); *script_args* go to its
-    init(); *headers* (``"Name: value"``) go with every request."""
+    init(); *headers* (``"Name: value"``) go with every request; the CPU of
+    the server whose master is *server_pid* is measured too."""
     command_line = ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--timeout", "30s",
                     "--latency"]  # fmt: skip
     if token is not None:
@@ -48,9 +51,11 @@ async def wrk(
         command_line += ["-s", str(HERE / script)]
     command_line += [url, "--", *script_args]
     postgres_before, redis_before = cpu_seconds_of("postgres"), cpu_seconds_of("redis-server")
+    server_before = cpu_seconds_of_tree(server_pid) if server_pid else float("nan")
     output = await output_of(*command_line)
     postgres_seconds = cpu_seconds_of("postgres") - postgres_before
     redis_seconds = cpu_seconds_of("redis-server") - redis_before
+    server_seconds = cpu_seconds_of_tree(server_pid) - server_before if server_pid else -1
 
     def millis(label: str) -> float:
         match = re.search(rf"{label}\s+([\d.]+)(us|ms|s)", output)
@@ -88,4 +93,5 @@ async def wrk(
         name, rps, millis("50%"), millis("99%"), errors, int(shed[1]) if shed else 0,
         per_request_us(postgres_seconds), per_request_us(redis_seconds),
         transfer_per_second / rps if rps else float("nan"), requests,
+        per_request_us(server_seconds),
     )  # fmt: skip
