@@ -95,14 +95,21 @@ def drop_postgres_database(url: str) -> None:
 
 
 async def empty_tables(engine: AsyncEngine) -> None:
-    """Delete every row of every table *engine* reaches."""
+    """Delete every row of every table *engine* reaches, and start its
+    sequences again (as SQLite does once a table is empty).
+
+    DELETE rather than TRUNCATE on PostgreSQL: a test leaves a few rows, which
+    go in milliseconds, where a TRUNCATE makes new files for every table and
+    index (0.1-0.2 s measured, after each of the suite's ~850 tests)."""
     async with engine.begin() as connection:
+        for table in reversed(Base.metadata.sorted_tables):
+            await connection.execute(delete(table))
         if connection.dialect.name == "postgresql":
-            tables = ", ".join(table.name for table in Base.metadata.sorted_tables)
-            await connection.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
-        else:
-            for table in reversed(Base.metadata.sorted_tables):
-                await connection.execute(delete(table))
+            sequences = await connection.execute(
+                text("SELECT sequencename FROM pg_sequences WHERE schemaname = current_schema()")
+            )
+            for sequence in sequences.scalars().all():
+                await connection.execute(text(f'ALTER SEQUENCE "{sequence}" RESTART'))
 
 
 async def flush_redis() -> None:

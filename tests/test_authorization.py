@@ -9,6 +9,8 @@ from typing import Any
 from quart import Quart
 from quart.typing import TestClientProtocol as Client
 
+from taskflow.db import backends
+
 from .support import (
     PASSWORD,
     TestUser,
@@ -16,6 +18,7 @@ from .support import (
     create_project,
     create_task,
     create_user,
+    empty_tables,
     snapshot,
 )
 
@@ -38,7 +41,12 @@ class World:
         return None if role == "anonymous" else getattr(self, role)
 
 
-async def build_world(client: Client) -> World:
+async def build_world(app: Quart, client: Client) -> World:
+    """A fresh world in empty tables, so that every attempt starts alike
+    (and the snapshots around it hold this world alone, not every earlier
+    one: they were most of the matrices' time)."""
+    async with app.app_context():
+        await empty_tables(backends().engine)
     owner, member, other_member, stranger, newcomer = [await create_user(client) for _ in range(5)]
     project = await create_project(client, owner)
     await add_member(client, project, owner, member)
@@ -179,7 +187,7 @@ async def test_every_route_has_a_row(app: Quart) -> None:
 async def test_authorization_matrix(app: Quart, client: Client) -> None:
     for (endpoint, method), rule in sorted(served_routes(app).items()):
         for role, expected in MATRIX[(endpoint, method)].items():
-            world = await build_world(client)  # fresh, so every attempt starts alike
+            world = await build_world(app, client)
             caller = world.caller(role)
             headers = caller.headers if caller else {}
             before = await snapshot(app)
@@ -222,7 +230,7 @@ def with_token(kind: str, endpoint: str, method: str) -> int:
 async def test_api_tokens_matrix(app: Quart, client: Client) -> None:
     for (endpoint, method), rule in sorted(served_routes(app).items()):
         for kind in ("write", "read", "elsewhere"):
-            world = await build_world(client)
+            world = await build_world(app, client)
             if kind == "elsewhere":
                 other = await create_project(client, world.owner, "Elsewhere")
                 token = await create_api_token(client, world.owner, "write", [other["id"]])
