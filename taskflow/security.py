@@ -15,14 +15,15 @@ logout's, seen by the same session check. Its hot path is a JWT's: no query.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from quart import current_app, g, request
 from werkzeug.datastructures import Headers
@@ -209,6 +210,22 @@ async def session_is_live(caller: Caller) -> bool:
     # NX: a revocation written meanwhile must not be overwritten by this read.
     await _mark(session_id, live, only_if_absent=True)
     return live
+
+
+async def sessions_live(callers: Sequence[Caller]) -> list[bool]:
+    """Whether each caller's session is live: their marks read from Redis in
+    one round trip, and those without a mark (or all, Redis away) checked as
+    ``session_is_live`` checks one."""
+    keys = [session_mark_key(caller.session_id) for caller in callers]
+    marks: list[bytes | None] = [None] * len(callers)
+    if keys:
+        with contextlib.suppress(RedisUnavailable):
+            # The client returns bytes: it is not made with decode_responses.
+            marks = cast(list[bytes | None], await backends().redis.call(lambda r: r.mget(keys)))
+    return [
+        mark == b"1" if mark is not None else await session_is_live(caller)
+        for caller, mark in zip(callers, marks, strict=True)
+    ]
 
 
 async def _session_is_live_in_database(caller: Caller) -> bool:

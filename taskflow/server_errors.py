@@ -1,5 +1,6 @@
-"""hypercorn's own error answers, in the contract's shape: the one place
-TaskFlow adjusts a framework's internals.
+"""hypercorn's own error answers, in the contract's shape: one of the two
+places TaskFlow adjusts a framework's internals (the other is
+``ws_compression.py``).
 
 hypercorn answers a request it cannot parse (a malformed request line or
 header: 400; headers over its limit: 431) by itself, before any application
