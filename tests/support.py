@@ -14,6 +14,7 @@ import os
 import secrets
 import socket
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -150,6 +151,10 @@ async def running(config: Config, *blueprints: Blueprint) -> AsyncIterator[Quart
                 await empty_tables(backends().engine)
 
 
+# A hard stop for a live server's start, far beyond the few seconds it takes.
+SERVER_START_SECONDS = 60
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -189,14 +194,18 @@ async def hypercorn(
     url = f"http://127.0.0.1:{port}"
     try:
         async with httpx.AsyncClient() as http:
-            for _ in range(200):
+            # Two workers importing the app take a few seconds, more on a
+            # busy machine (CI runs both suites at once): what a test is
+            # about starts once the server answers, however long that took.
+            deadline = time.monotonic() + SERVER_START_SECONDS
+            while True:
                 try:
                     if (await http.get(f"{url}/healthz")).status_code == 200:
                         break
                 except httpx.TransportError:
+                    if process.returncode is not None or time.monotonic() > deadline:
+                        raise RuntimeError("the server did not start") from None
                     await asyncio.sleep(0.05)
-            else:
-                raise RuntimeError("the server did not start")
         yield url, process
     finally:
         try:

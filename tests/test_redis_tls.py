@@ -201,7 +201,11 @@ def test_a_ca_file_that_is_not_a_file_is_a_config_error(
 
 async def start_up_check(environ: Mapping[str, str], url: str, **settings: str) -> bool:
     """``check_redis`` as the app's lifespan runs it, with REDIS_URL *url*;
-    then whether the app's client gets an answer from Redis."""
+    then whether the app's client gets an answer from Redis. The client's
+    connect timeout is 2 s unless *settings* say otherwise: on a busy machine
+    a TLS handshake can take longer than the default 250 ms, and would pass
+    for a Redis that does not answer."""
+    settings = {"TASKFLOW_REDIS_TIMEOUT_MS": "2000", **settings}
     config = Config.from_env({**environ, "REDIS_URL": url, **settings})
     assert config.redis_url is not None
     client = create_redis(config.redis_url, config)
@@ -270,7 +274,10 @@ async def test_tls_to_a_server_that_speaks_none_is_a_config_error(
     gets no answer at all, where a Redis that is down refuses the connection;
     a plain PING then tells the two apart."""
     with pytest.raises(ConfigError, match="speaks Redis without TLS"):
-        await start_up_check(environ, f"rediss://127.0.0.1:{plain_redis}/0")
+        # The default deadline: the handshake that gets no answer waits it out.
+        await start_up_check(
+            environ, f"rediss://127.0.0.1:{plain_redis}/0", TASKFLOW_REDIS_TIMEOUT_MS="250"
+        )
 
 
 async def test_a_redis_that_is_down_is_only_a_warning(
@@ -322,8 +329,11 @@ def read_log(path: Path) -> str:
 async def failed_start(environ: Mapping[str, str], log_path: Path, workers: int = 1) -> Ended:
     """Start the web process as the ``hypercorn`` helper does (the Procfile's
     command) and wait up to EXIT_SECONDS for it to exit; then end whatever
-    is left of its process group."""
+    is left of its process group. Redis calls get 2 s unless *environ* says
+    otherwise, as in ``start_up_check``: a handshake slower than the default
+    250 ms would pass for a Redis that does not answer (the degraded mode)."""
     port = free_port()
+    environ = {"TASKFLOW_REDIS_TIMEOUT_MS": "2000", **environ}
     with log_file(log_path) as stderr:
         process = await asyncio.create_subprocess_exec(
             *web_command(f"127.0.0.1:{port}", workers),
