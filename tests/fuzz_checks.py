@@ -30,6 +30,7 @@ from typing import Any
 import httpx
 import schemathesis
 from email_validator import EmailNotValidError, validate_email
+from schemathesis.specs.openapi.checks import ensure_resource_availability
 
 from taskflow.schemas import has_visible_character
 
@@ -160,3 +161,20 @@ def refusals_are_the_contracts(ctx: Any, response: Any, case: Any) -> bool | Non
             f"A schema-valid request was refused for a reason the schema could state: {errors}"
         )
     return None
+
+
+@schemathesis.check
+def created_resources_are_there(ctx: Any, response: Any, case: Any) -> bool | None:
+    """schemathesis' `ensure_resource_availability` (turned off in
+    schemathesis.toml), except after a POST that sent an Idempotency-Key its
+    earlier, identical request had used: the answer is that request's, replayed
+    (`Idempotent-Replayed: true`), naming the resource it created, which a
+    DELETE since may have removed. schemathesis credits that DELETE to the
+    earlier POST only, and would call the 404 that follows a resource missing
+    just after its creation. (The parent's response is read from the check's
+    `internals`, the built-in check's own source of it.)"""
+    parent = ctx.internals.find_parent(case_id=case.id)
+    parent_response = ctx.internals.find_response(case_id=parent.id) if parent else None
+    if parent_response is not None and parent_response.headers.get("idempotent-replayed"):
+        return None
+    return ensure_resource_availability(ctx, response, case)
