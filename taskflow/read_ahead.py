@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from quart import request
@@ -32,7 +32,7 @@ class ReadAhead:
     keys: Sequence[cache.CacheKey[Any]] = ()
     # The keys to read next, named after the project that the first key's
     # entry names.
-    then: Callable[[uuid.UUID], Sequence[cache.CacheKey[Any]]] | None = field(default=None)
+    then: Callable[[uuid.UUID], Sequence[cache.CacheKey[Any]]] | None = None
 
     def redis_keys(self) -> list[str]:
         return cache.redis_keys(self.keys)
@@ -50,9 +50,9 @@ class ReadAhead:
         project id it found and the ``then`` keys' values."""
         count = 2 * len(self.keys)
         cache.keep_read(self.keys, values[:count])
-        found = values[count] if self.then is not None and len(values) > count else None
-        if self.then is not None and found is not None:
-            cache.keep_read(self.then(uuid.UUID(found.decode())), values[count + 1 :])
+        project_id = values[count] if len(values) > count else None
+        if self.then is not None and project_id is not None:
+            cache.keep_read(self.then(uuid.UUID(project_id.decode())), values[count + 1 :])
 
 
 def read_ahead(caller: Caller) -> ReadAhead:
