@@ -32,6 +32,10 @@ def _problem(status_code: int, request_id: str) -> bytes:
 
 
 async def _send_error_response(self: H11Protocol, status_code: int) -> None:
+    # h11 hints 501 for a transfer coding it does not know (RFC 9112 says
+    # SHOULD); the contract's table has no 501, and the request is malformed.
+    if status_code == 501:
+        status_code = 400
     request_id = uuid.uuid4().hex
     body = _problem(status_code, request_id)
     headers = [
