@@ -15,7 +15,6 @@ logout's, seen by the same session check. Its hot path is a JWT's: no query.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import time
@@ -26,6 +25,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar, cast
 
 from quart import current_app, g, request
+from redis.asyncio import Redis
 from werkzeug.datastructures import Headers
 
 from .data import accounts, api_tokens
@@ -208,22 +208,30 @@ async def session_is_live(caller: Caller) -> bool:
         return bool(mark == b"1")
     live = await _session_is_live_in_database(caller)
     # NX: a revocation written meanwhile must not be overwritten by this read.
-    await _mark(session_id, live, only_if_absent=True)
+    await _mark({session_id: live}, only_if_absent=True)
     return live
 
 
 async def sessions_live(callers: Sequence[Caller]) -> list[bool]:
     """Whether each caller's session is live: their marks read from Redis in
-    one round trip, and those without a mark (or all, Redis away) checked as
-    ``session_is_live`` checks one."""
+    one round trip; those without a mark (or all, Redis away) read from the
+    database in one query for login sessions and one for API tokens, and
+    marked as ``session_is_live`` marks one."""
+    if not callers:
+        return []
     keys = [session_mark_key(caller.session_id) for caller in callers]
-    marks: list[bytes | None] = [None] * len(callers)
-    if keys:
-        with contextlib.suppress(RedisUnavailable):
-            # The client returns bytes: it is not made with decode_responses.
-            marks = cast(list[bytes | None], await backends().redis.call(lambda r: r.mget(keys)))
+    try:
+        # The client returns bytes: it is not made with decode_responses.
+        marks = cast(list[bytes | None], await backends().redis.call(lambda r: r.mget(keys)))
+        redis_answered = True
+    except RedisUnavailable:
+        marks, redis_answered = [None] * len(callers), False
+    unmarked = [caller for caller, mark in zip(callers, marks, strict=True) if mark is None]
+    found = await _sessions_live_in_database(unmarked) if unmarked else {}
+    if redis_answered and found:
+        await _mark(found, only_if_absent=True)
     return [
-        mark == b"1" if mark is not None else await session_is_live(caller)
+        mark == b"1" if mark is not None else found[caller.session_id]
         for caller, mark in zip(callers, marks, strict=True)
     ]
 
@@ -235,20 +243,38 @@ async def _session_is_live_in_database(caller: Caller) -> bool:
         return await accounts.is_session_live(db_session, caller.session_id)
 
 
+async def _sessions_live_in_database(callers: Sequence[Caller]) -> dict[uuid.UUID, bool]:
+    token_ids = {caller.session_id for caller in callers if caller.api_token}
+    session_ids = {caller.session_id for caller in callers if not caller.api_token}
+    async with backends().read_sessionmaker() as db_session:
+        live = await api_tokens.live_tokens(db_session, token_ids) if token_ids else set()
+        if session_ids:
+            live |= await accounts.live_sessions(db_session, session_ids)
+    return {session_id: session_id in live for session_id in token_ids | session_ids}
+
+
 async def require_live_session(caller: Caller) -> None:
     if not await session_is_live(caller):
         raise APIError(401, "session_revoked", "The session has been revoked.")
 
 
-async def _mark(session_id: uuid.UUID, live: bool, *, only_if_absent: bool = False) -> bool:
-    """Mark the session live or revoked in Redis; whether that was done."""
-    expiry = LIVE_MARK_SECONDS if live else REVOKED_MARK_SECONDS
+async def _mark(sessions: dict[uuid.UUID, bool], *, only_if_absent: bool = False) -> bool:
+    """Mark each session live (True) or revoked in Redis, in one round trip;
+    whether that was done."""
+
+    async def set_marks(client: Redis) -> None:
+        async with client.pipeline(transaction=False) as pipeline:
+            for session_id, live in sessions.items():
+                pipeline.set(
+                    session_mark_key(session_id),
+                    b"1" if live else b"0",
+                    ex=LIVE_MARK_SECONDS if live else REVOKED_MARK_SECONDS,
+                    nx=only_if_absent,
+                )
+            await pipeline.execute()
+
     try:
-        await backends().redis.call(
-            lambda r: r.set(
-                session_mark_key(session_id), b"1" if live else b"0", ex=expiry, nx=only_if_absent
-            )
-        )
+        await backends().redis.call(set_marks)
     except RedisUnavailable:
         return False
     return True
@@ -260,7 +286,7 @@ async def forget_revoked_session(session_id: uuid.UUID) -> None:
     Called after the revocation committed. Were Redis to miss it while down, a
     stale "live" mark lives at most ``LIVE_MARK_SECONDS``.
     """
-    if not await _mark(session_id, live=False):
+    if not await _mark({session_id: False}):
         log.warning(
             "a revoked session could not be marked in Redis: instances that read its "
             "'live' mark accept its tokens for up to %d s more",

@@ -29,7 +29,7 @@ import redis.asyncio as aioredis
 from alembic import command
 from quart import Blueprint, Quart
 from quart.typing import TestClientProtocol as Client
-from sqlalchemy import delete, func, select, text
+from sqlalchemy import delete, event, func, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -414,3 +414,24 @@ async def count_rows(app: Quart, model: Any, *where: Any) -> int:
 def tampered(cursor: str) -> str:
     """*cursor* with one character of its payload changed."""
     return ("B" if cursor[0] == "A" else "A") + cursor[1:]
+
+
+@asynccontextmanager
+async def statements(app: Quart) -> AsyncIterator[list[str]]:
+    """The SQL queries the app's requests send meanwhile: not SQLite's BEGIN,
+    nor the in-process webhook deliverer's look for due webhooks, which every
+    event (a task created a moment ago) wakes in the background."""
+    sent: list[str] = []
+
+    def record(*args: Any) -> None:
+        statement = args[2]
+        if not statement.startswith("BEGIN") and "FROM webhooks" not in statement:
+            sent.append(statement)
+
+    async with app.app_context():
+        engine = backends().engine.sync_engine
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        yield sent
+    finally:
+        event.remove(engine, "before_cursor_execute", record)

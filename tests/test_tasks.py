@@ -8,7 +8,6 @@ from typing import Any
 import pytest
 from quart import Quart
 from quart.typing import TestClientProtocol as Client
-from sqlalchemy import event
 
 from taskflow.blueprints.tasks import TaskOut
 from taskflow.db import backends
@@ -21,6 +20,7 @@ from .support import (
     problem_of,
     redis_only,
     snapshot,
+    statements,
     tampered,
 )
 
@@ -429,27 +429,6 @@ async def test_a_cursor_belongs_to_its_list(
     ):
         response = await client.get(url, headers=owner.headers)
         problem_of(response, await response.get_json(), 422, "validation_failed")
-
-
-@asynccontextmanager
-async def statements(app: Quart) -> AsyncIterator[list[str]]:
-    """The SQL queries the app's requests send meanwhile: not SQLite's BEGIN,
-    nor the in-process webhook deliverer's look for due webhooks, which every
-    event (a task created a moment ago) wakes in the background."""
-    sent: list[str] = []
-
-    def record(*args: Any) -> None:
-        statement = args[2]
-        if not statement.startswith("BEGIN") and "FROM webhooks" not in statement:
-            sent.append(statement)
-
-    async with app.app_context():
-        engine = backends().engine.sync_engine
-    event.listen(engine, "before_cursor_execute", record)
-    try:
-        yield sent
-    finally:
-        event.remove(engine, "before_cursor_execute", record)
 
 
 async def test_reads_take_few_round_trips_and_the_cache_takes_the_rest(

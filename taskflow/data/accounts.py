@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Collection
 from datetime import UTC, datetime, timedelta
 from typing import TypedDict
 
@@ -135,3 +136,15 @@ LIVE_SESSION = select(AuthSession.id).where(
 async def is_session_live(db_session: AsyncSession, session_id: uuid.UUID) -> bool:
     params = {"session_id": session_id, "now": datetime.now(UTC)}
     return (await rows(db_session, LIVE_SESSION, params)).first() is not None
+
+
+async def live_sessions(
+    db_session: AsyncSession, session_ids: Collection[uuid.UUID]
+) -> set[uuid.UUID]:
+    """Which of *session_ids* are live, in one query."""
+    query = select(AuthSession.id).where(
+        AuthSession.id.in_(session_ids),
+        AuthSession.revoked_at.is_(None),
+        AuthSession.expires_at > datetime.now(UTC),
+    )
+    return set((await rows(db_session, query)).scalars())
