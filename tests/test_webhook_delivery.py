@@ -526,6 +526,28 @@ async def test_two_instances_never_send_one_webhook_two_requests_at_once(
         assert receiver.most_held[path] == 1, path
 
 
+@postgres_only
+async def test_an_instance_set_to_deliver_none_leaves_every_event_to_another(
+    environ: dict[str, str],
+) -> None:
+    # TASKFLOW_WEBHOOK_CONCURRENCY=0 keeps deliveries off some processes.
+    async with (
+        Receiver() as receiver,
+        hypercorn({**environ, "TASKFLOW_WEBHOOK_CONCURRENCY": "0"}) as (url, _),
+        httpx.AsyncClient(base_url=url, timeout=30) as http,
+    ):
+        api = await Api.open(http)
+        await api.register(receiver.url())
+        written = [await api.task(f"Task {n}") for n in range(3)]
+        # A delivering process looks at least once a second.
+        await asyncio.sleep(2.5)
+        assert receiver.requests == []
+        async with hypercorn(environ, empty_database=False):
+            await receiver.wait_for(lambda requests: len(requests) >= len(written))
+
+    assert ids(receiver.requests) == written
+
+
 async def test_a_process_killed_mid_delivery_loses_nothing(environ: dict[str, str]) -> None:
     held = asyncio.Event()
     async with Receiver() as receiver:
