@@ -153,14 +153,19 @@ async def request_caller() -> Caller | None:
     """The caller of this request: None without a bearer token; a 401 unless
     the token is valid and its session live.
 
-    Checked once per request, before the body is read and without the
-    request's database session, so that no connection or transaction is held
-    while a client sends its body (the rate limiter's key asks first, then
-    ``require_auth``).
+    Checked once per request, a refusal too, before the body is read and
+    without the request's database session, so that no connection or
+    transaction is held while a client sends its body (the rate limiter asks
+    first, then ``require_auth``).
     """
     if "caller" not in g:
         token = bearer_token(request.headers)
-        g.caller = await authenticate(token) if token is not None else None
+        try:
+            g.caller = await authenticate(token) if token is not None else None
+        except APIError as refusal:
+            g.caller = refusal
+    if isinstance(g.caller, APIError):
+        raise g.caller
     known: Caller | None = g.caller
     return known
 
@@ -171,12 +176,13 @@ async def unchecked_request_caller() -> Caller | None:
     then says why). The limiter checks the session in its step in Redis and
     then calls ``accept_caller``."""
     if "caller" in g:
-        known: Caller | None = g.caller
-        return known
+        known: Caller | APIError | None = g.caller
+        return known if isinstance(known, Caller) else None
     try:
         token = bearer_token(request.headers)
         return await token_caller(token) if token is not None else None
-    except APIError:
+    except APIError as refusal:
+        g.caller = refusal  # request_caller says why, without verifying it again
         return None
 
 

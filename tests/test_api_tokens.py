@@ -33,6 +33,7 @@ from .support import (
     problem_of,
     register_user,
     snapshot,
+    statements,
 )
 
 BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
@@ -175,6 +176,18 @@ async def test_malformed_unknown_and_expired_tokens_are_401(
         await db_session.commit()
     response = await client.get("/projects", headers=bearer(expired))
     problem_of(response, await response.get_json(), 401, "token_expired")
+
+
+async def test_a_well_formed_unknown_token_costs_one_lookup(app: Quart, client: Client) -> None:
+    # What a flood of guessed tokens with valid checksums costs the database:
+    # the token is looked up once a request, not once for the rate limiter's
+    # key and again for the route.
+    random_part = "y" * 32
+    unknown = f"tfp_{random_part}{checksum_of(random_part)}"
+    async with statements(app) as sent:
+        response = await client.get("/projects", headers={"Authorization": f"Bearer {unknown}"})
+    problem_of(response, await response.get_json(), 401, "unauthorized")
+    assert len(sent) == 1, sent
 
 
 async def test_a_deleted_token_is_refused_and_a_strangers_is_not_found(
