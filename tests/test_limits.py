@@ -112,10 +112,10 @@ async def burst(urls: list[str], path: str, total: int, **request: Any) -> list[
 async def test_concurrent_requests_on_every_instance_share_one_limit(
     config: Config, environ: dict[str, str]
 ) -> None:
-    # A burst of a hundred requests a process on a loaded machine can hold a
-    # Redis call past its 250 ms deadline, and the limits then fall back to
-    # each process's own (tested in test_faults): this test is about the
-    # shared limit, so its Redis calls have 2 s.
+    # On a loaded machine, a burst of a hundred requests per process can hold
+    # a Redis call past its 250 ms deadline, and the limits then fall back to
+    # each process's own (tested in test_faults). This test is about the
+    # shared limit, so its Redis calls get 2 s.
     limited = {
         **environ,
         "TASKFLOW_RATE_LIMIT_PER_MINUTE": "10",
