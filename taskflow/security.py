@@ -201,28 +201,16 @@ def session_mark_key(session_id: uuid.UUID) -> str:
 
 
 async def session_is_live(caller: Caller) -> bool:
-    """Whether the caller's login session (or API token) is live: from its mark
-    in Redis, else from the database in a short session of its own (so the
-    check never holds the request's connection or transaction)."""
-    session_id = caller.session_id
-    redis = backends().redis
-    try:
-        mark = await redis.call(lambda r: r.get(session_mark_key(session_id)))
-    except RedisUnavailable:
-        return await _session_is_live_in_database(caller)
-    if mark is not None:
-        return bool(mark == b"1")
-    live = await _session_is_live_in_database(caller)
-    # NX: a revocation written meanwhile must not be overwritten by this read.
-    await _mark({session_id: live}, only_if_absent=True)
-    return live
+    """Whether the caller's login session (or API token) is live."""
+    return (await sessions_live([caller]))[0]
 
 
 async def sessions_live(callers: Sequence[Caller]) -> list[bool]:
     """Whether each caller's session is live: their marks read from Redis in
     one round trip; those without a mark (or all, Redis away) read from the
-    database in one query for login sessions and one for API tokens, and
-    marked as ``session_is_live`` marks one."""
+    database, in one query for login sessions and one for API tokens in a
+    short session of its own (so a check never holds a request's connection
+    or transaction), and then marked."""
     if not callers:
         return []
     keys = [session_mark_key(caller.session_id) for caller in callers]
@@ -235,18 +223,12 @@ async def sessions_live(callers: Sequence[Caller]) -> list[bool]:
     unmarked = [caller for caller, mark in zip(callers, marks, strict=True) if mark is None]
     found = await _sessions_live_in_database(unmarked) if unmarked else {}
     if redis_answered and found:
+        # NX: a revocation written meanwhile must not be overwritten by this read.
         await _mark(found, only_if_absent=True)
     return [
         mark == b"1" if mark is not None else found[caller.session_id]
         for caller, mark in zip(callers, marks, strict=True)
     ]
-
-
-async def _session_is_live_in_database(caller: Caller) -> bool:
-    async with backends().read_sessionmaker() as db_session:
-        if caller.api_token:
-            return await api_tokens.is_token_live(db_session, caller.session_id)
-        return await accounts.is_session_live(db_session, caller.session_id)
 
 
 async def _sessions_live_in_database(callers: Sequence[Caller]) -> dict[uuid.UUID, bool]:

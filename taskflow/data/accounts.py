@@ -126,25 +126,16 @@ async def revoke_session(db_session: AsyncSession, session_id: uuid.UUID) -> boo
     return result.first() is not None
 
 
-LIVE_SESSION = select(AuthSession.id).where(
-    AuthSession.id == bindparam("session_id"),
+LIVE_SESSIONS = select(AuthSession.id).where(
+    AuthSession.id.in_(bindparam("session_ids", expanding=True)),
     AuthSession.revoked_at.is_(None),
     AuthSession.expires_at > bindparam("now"),
 )
-
-
-async def is_session_live(db_session: AsyncSession, session_id: uuid.UUID) -> bool:
-    params = {"session_id": session_id, "now": datetime.now(UTC)}
-    return (await rows(db_session, LIVE_SESSION, params)).first() is not None
 
 
 async def live_sessions(
     db_session: AsyncSession, session_ids: Collection[uuid.UUID]
 ) -> set[uuid.UUID]:
     """Which of *session_ids* are live, in one query."""
-    query = select(AuthSession.id).where(
-        AuthSession.id.in_(session_ids),
-        AuthSession.revoked_at.is_(None),
-        AuthSession.expires_at > datetime.now(UTC),
-    )
-    return set((await rows(db_session, query)).scalars())
+    params = {"session_ids": list(session_ids), "now": datetime.now(UTC)}
+    return set((await rows(db_session, LIVE_SESSIONS, params)).scalars())

@@ -145,23 +145,17 @@ async def find_token(db_session: AsyncSession, presented_hash: str) -> KnownToke
     return KnownToken(caller, row.expires_at)
 
 
-LIVE_TOKEN = select(ApiToken.id).where(
-    ApiToken.id == bindparam("token_id"), ApiToken.expires_at > bindparam("now")
+LIVE_TOKENS = select(ApiToken.id).where(
+    ApiToken.id.in_(bindparam("token_ids", expanding=True)),
+    ApiToken.expires_at > bindparam("now"),
 )
 
 
-async def is_token_live(db_session: AsyncSession, token_id: uuid.UUID) -> bool:
-    """Whether the token still exists (was not deleted) and has not expired."""
-    params = {"token_id": token_id, "now": datetime.now(UTC)}
-    return (await rows(db_session, LIVE_TOKEN, params)).first() is not None
-
-
 async def live_tokens(db_session: AsyncSession, token_ids: Collection[uuid.UUID]) -> set[uuid.UUID]:
-    """Which of *token_ids* still exist and have not expired, in one query."""
-    query = select(ApiToken.id).where(
-        ApiToken.id.in_(token_ids), ApiToken.expires_at > datetime.now(UTC)
-    )
-    return set((await rows(db_session, query)).scalars())
+    """Which of *token_ids* still exist (were not deleted) and have not
+    expired, in one query."""
+    params = {"token_ids": list(token_ids), "now": datetime.now(UTC)}
+    return set((await rows(db_session, LIVE_TOKENS, params)).scalars())
 
 
 async def note_use(db_session: AsyncSession, token_id: uuid.UUID) -> None:
