@@ -10,6 +10,7 @@ Test modules import from here; the fixtures are in ``conftest.py``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import socket
@@ -199,13 +200,13 @@ async def hypercorn(
             # about starts once the server answers, however long that took.
             deadline = time.monotonic() + SERVER_START_SECONDS
             while True:
-                try:
+                with contextlib.suppress(httpx.TransportError):
                     if (await http.get(f"{url}/healthz")).status_code == 200:
                         break
-                except httpx.TransportError:
-                    if process.returncode is not None or time.monotonic() > deadline:
-                        raise RuntimeError("the server did not start") from None
-                    await asyncio.sleep(0.05)
+                # Not answering, or not healthy yet: either way within the deadline.
+                if process.returncode is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the server did not start")
+                await asyncio.sleep(0.05)
         yield url, process
     finally:
         try:
